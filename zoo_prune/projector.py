@@ -147,14 +147,14 @@ def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def lowrank_parts(projector: nn.Module, rank: int, dtype: torch.dtype, device: torch.device) -> LowRankMLPParts:
-    """Truncated SVD of rank ``rank`` of both linear layers, in float64 then cast to ``dtype``."""
+    """Truncated SVD of rank ``rank`` of both linear layers, computed in ``dtype`` (float32 keeps the
+    one-off cost of LLaVA's 4096 x 4096 layer near 10 s and 0.5 GiB on a CPU; float64 doubles both)."""
 
     def build():
         full = mlp_parts(projector, "lowrank", dtype, device)
-        u1, s1, vh1 = truncated_svd(full.w1.double(), rank)
-        _, s2, vh2 = truncated_svd(full.w2.double(), rank)
-        cast = lambda t: t.to(dtype)  # noqa: E731
-        return LowRankMLPParts(cast(u1 * s1), cast(vh1), full.b1, full.act, cast(s2[:, None] * vh2))
+        u1, s1, vh1 = truncated_svd(full.w1, rank)
+        _, s2, vh2 = truncated_svd(full.w2, rank)
+        return LowRankMLPParts(u1 * s1, vh1, full.b1, full.act, s2[:, None] * vh2)
 
     return cached(projector, ("lowrank", rank, dtype, str(device)), build)
 
