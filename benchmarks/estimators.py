@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -138,10 +139,10 @@ def time_selection(shape: str, k: int, repeats: int, device: str) -> dict:
     return row
 
 
-def format_tables(cells: list[dict], selections: list[dict], m: int) -> str:
+def format_tables(cells: list[dict], selections: list[dict], m: int, machine: str) -> str:
     lines = [
         f"Sensitivity per image, m = {m}, random weights (timings and FLOPs representative; Spearman of "
-        "`lowrank` is not: random weights have flat spectra).",
+        "`lowrank` is not: random weights have flat spectra). Machine: " + machine + ".",
         "",
         "| shape | estimator | time / image | speed-up vs naive | FLOPs (matmul) | FLOP ratio | one-off precompute "
         "| peak extra memory | Spearman vs naive |",
@@ -181,6 +182,8 @@ def main() -> None:
     if "naive" not in args.estimators:
         parser.error("--estimators must include naive: every ratio is measured against it")
 
+    # Other processes on the machine distort every timing: say how loaded it was.
+    load_before = os.getloadavg()[0]
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(shape, est) for shape in args.shapes for est in ["naive"] + [e for e in args.estimators if e != "naive"]]
@@ -198,11 +201,13 @@ def main() -> None:
             cells.append(cell)
     selections = [time_selection(shape, SHAPES[shape][2], args.repeats, args.device) for shape in args.shapes]
 
-    table = format_tables(cells, selections, args.m)
+    machine = (f"{args.device}, {torch.get_num_threads()} threads, load average {load_before:.1f} before / "
+               f"{os.getloadavg()[0]:.1f} after")
+    table = format_tables(cells, selections, args.m, machine)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": args.device, "torch_threads": torch.get_num_threads(), "m": args.m,
+    out.write_text(json.dumps({"machine": machine, "m": args.m,
                                "cells": cells, "selection": selections}, indent=2))
     out.with_suffix(".md").write_text(table + "\n")
     print(f"\nwrote {out} and {out.with_suffix('.md')}")

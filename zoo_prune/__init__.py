@@ -8,6 +8,7 @@ Library entry points:
 """
 
 from .methods import PruningMethod, available_methods, get_method, register_method
+from .models import PruningHandle, apply_pruning
 from .projector import GroupedProjector
 from .selection import FUSIONS, keep_count, normalize_sensitivity, select_tokens
 from .sensitivity import ESTIMATORS, draw_directions, precompute, zo_sensitivity
@@ -18,7 +19,9 @@ __all__ = [
     "ESTIMATORS",
     "FUSIONS",
     "GroupedProjector",
+    "PruningHandle",
     "PruningMethod",
+    "apply_pruning",
     "available_methods",
     "draw_directions",
     "get_method",

@@ -59,12 +59,21 @@ def get_method(name: str, **options) -> "PruningMethod":
 
 @dataclass
 class PruningMethod:
-    """Base class: ``select`` returns the indices of the kept tokens in selection order."""
+    """Base class: ``select`` returns the indices of the kept tokens in selection order.
+
+    ``stage`` says where the method acts inside a model (``zoo_prune.apply_pruning``):
+    ``"projector"`` selects among the projector's outputs before the language model (``select``),
+    ``"vision"`` inside the vision tower (VisionZip), ``"llm"`` inside the language model (FastV).
+    """
 
     name: ClassVar[str] = ""
+    stage: ClassVar[str] = "projector"
 
     def select(self, features: Tensor, projected: Tensor, k: int, *, projector: nn.Module) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"pruning method {self.name!r} acts at stage {self.stage!r}, not on projected tokens; "
+            f"use zoo_prune.apply_pruning(model, method={self.name!r})"
+        )
 
 
 @register_method("divprune")

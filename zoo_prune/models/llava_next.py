@@ -1,0 +1,67 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): one selection per patch (method.md section 3).
+
+An image is up to 5 patches of N = 576 tokens (the base image, then the anyres crops in raster
+order of the high-resolution grid). ``keep`` is the budget of a 5-patch image (640 / 320 / 160),
+i.e. keep / 5 tokens per patch, selected in each patch separately; an image of P patches keeps
+P * keep / 5. The language model receives the base patch's kept tokens, then each crop's kept
+tokens, crop by crop, each in original order, with no unpadding and no newline tokens (as
+VisionZip's implementation, which the paper follows). The image's placeholder run in the prompt
+(sized by the processor for the packed, unpadded layout) is resized to that count. Sensitivity
+uses the ``lowrank`` estimator by default (rank 128), as the paper does for this model.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ..selection import keep_count
+from .common import Units, register_family
+from .llava import LlavaFamily
+
+PATCHES_IN_BUDGET = 5
+
+
+@register_family
+class LlavaNextFamily(LlavaFamily):
+    model_class = "LlavaNextForConditionalGeneration"
+    image_keys = ("pixel_values", "image_sizes")
+    method_defaults = {"estimator": "lowrank"}
+    per_patch = True
+
+    def check_keep(self) -> None:
+        keep_count(self.keep, PATCHES_IN_BUDGET * self.tokens_per_image)
+
+    @property
+    def keep_per_patch(self) -> int:
+        if isinstance(self.keep, float):
+            return keep_count(self.keep, self.tokens_per_image)
+        return keep_count(max(1, round(self.keep / PATCHES_IN_BUDGET)), self.tokens_per_image)
+
+    def patches_per_image(self, inputs: dict) -> list[int]:
+        """P of each image, as the model computes it from ``image_sizes``."""
+        modeling = sys.modules[type(self.model.model).__module__]
+        config = self.model.config
+        return [
+            modeling.image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            for size in inputs["image_sizes"]
+        ]
+
+    def token_counts(self, inputs: dict) -> list[int]:
+        """Placeholders of each image: the model's own packing (unpad + newlines) of dummy features."""
+        strategy = inputs.get("vision_feature_select_strategy", self.model.config.vision_feature_select_strategy)
+        dummies = [torch.zeros(p, self.tokens_per_image, 1) for p in self.patches_per_image(inputs)]
+        _, lengths = self.model.model.pack_image_features(dummies, inputs["image_sizes"], strategy, torch.zeros(1))
+        return lengths.tolist()
+
+    def image_budgets(self, inputs: dict, counts: list[int]) -> list[int]:
+        per_image = [p * self.keep_per_patch for p in self.patches_per_image(inputs)]
+        return [keep_count(k, n) for k, n in zip(per_image, counts)]
+
+    def encode(self, inputs: dict, stage: str) -> Units:
+        """One unit per patch, an image's patches consecutive, base patch first."""
+        features, projected, vision = self.tower_outputs(inputs, stage)
+        patches = self.patches_per_image(inputs)
+        image = [i for i, p in enumerate(patches) for _ in range(p)]
+        return Units([self.keep_per_patch] * len(image), image, list(features), list(projected), **vision)
