@@ -10,18 +10,20 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -r requirements.txt
+	$(PIP_INSTALL) --no-deps -r requirements-nodeps.txt
 	$(PIP_INSTALL) --no-deps -e .
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
 
-# The main job. Until the DVC pipeline lands this is the estimator benchmark.
+# The main job: every experiment of the testbed profile through DVC (dvc.yaml calls `python`, so the
+# venv goes first on PATH).
 repro: $(STAMP)
-	$(PY) benchmarks/estimators.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 bench: $(STAMP)
 	$(PY) benchmarks/estimators.py

@@ -1,0 +1,178 @@
+"""Seaborn figures of the pipeline: each function takes measured data and returns a matplotlib Figure.
+
+``note`` (e.g. "RANDOM WEIGHTS ...") is printed in red across the top of the figure, so a figure
+from an untrained model says so on its face. :func:`save` writes a PNG.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # notebooks keep their inline backend
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from zoo_prune.demo import highlight  # noqa: E402
+
+sns.set_theme(style="whitegrid", context="notebook")
+logging.getLogger("matplotlib.category").setLevel(logging.ERROR)  # token counts as bar categories are intended
+
+
+def _stamp(fig, title: str, note: str = "") -> plt.Figure:
+    """Bold title and the red note on top, both wrapped to the figure's width; the axes below them."""
+    width = fig.get_figwidth()
+    title = textwrap.fill(title, int(width * 9))
+    note = textwrap.fill(note, int(width * 14)) if note else ""
+    inch = 1 / fig.get_figheight()  # one inch as a fraction of the figure's height
+    fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.05 * inch, va="top")
+    top = 1 - (0.12 + 0.22 * (title.count("\n") + 1)) * inch
+    if note:
+        fig.text(0.5, top, note, ha="center", va="top", color="crimson", fontsize=9, fontweight="bold")
+        top -= 0.18 * (note.count("\n") + 1) * inch
+    fig.tight_layout(rect=(0, 0, 1, top - 0.05 * inch))
+    return fig
+
+
+def _categorical_tokens(data: pd.DataFrame) -> pd.DataFrame:
+    """Token counts as ordered categories, largest first (bar plots' x axis)."""
+    order = [str(t) for t in sorted(data["tokens"].unique(), reverse=True)]
+    return data.assign(tokens=pd.Categorical(data["tokens"].astype(str), categories=order, ordered=True))
+
+
+def _legend_right(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+
+
+def save(fig: plt.Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def agreement_heatmap(table: pd.DataFrame, note: str = "", samples: int | None = None) -> plt.Figure:
+    """Mean Spearman rho between estimators' per-token sensitivities."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.6))
+    sns.heatmap(table.astype(float), annot=True, fmt=".3f", vmin=-1, vmax=1, cmap="vlag", square=True, ax=ax,
+                cbar_kws={"label": "Spearman rho"})
+    ax.set(xlabel="", ylabel="")
+    return _stamp(fig, f"Estimator agreement (mean over {samples} images)" if samples else "Estimator agreement", note)
+
+
+def overlay_grid(rows: list[dict], note: str = "") -> plt.Figure:
+    """Kept-token masks (Fig. 6 / Fig. B style): one row per image, one column per (method, budget).
+
+    ``rows[i]``: ``{"title": question -> answer, "view": RGB (H, W, 3) in [0, 1],
+    "panels": [(column title, kept mask (g, g) bool, predicted answer), ...]}``.
+    """
+    n_cols = len(rows[0]["panels"]) + 1
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.9 * n_cols, 2.5 * len(rows) + 0.6), squeeze=False)
+    for axis_row, row in zip(axes, rows):
+        axis_row[0].imshow(row["view"], interpolation="nearest")
+        axis_row[0].set_title(row["title"], fontsize=7)
+        for axis, (title, mask, answer) in zip(axis_row[1:], row["panels"]):
+            axis.imshow(highlight(row["view"], mask), interpolation="nearest")
+            axis.set_title(f"{title}\n-> {answer!r}", fontsize=7)
+        for axis in axis_row:
+            axis.axis("off")
+    return _stamp(fig, "Kept visual tokens: DivPrune vs ZOO-Prune (pruned tokens dimmed)", note)
+
+
+def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "") -> plt.Figure:
+    """KDE of per-sample Spearman rho (paper Fig. 2), one curve per task, mean rho annotated."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    data = rhos.dropna(subset=["rho"])
+    sns.kdeplot(data=data, x="rho", hue="task", fill=True, common_norm=False, cut=0, ax=ax, warn_singular=False)
+    for i, (task, group) in enumerate(data.groupby("task", sort=False)):
+        mean = group["rho"].mean()
+        ax.axvline(mean, color=sns.color_palette()[i], ls="--")
+        ax.annotate(f"{task}: mean rho = {mean:.2f} (n={len(group)})", xy=(0.02, 0.92 - 0.08 * i), xycoords="axes fraction",
+                    color=sns.color_palette()[i], fontsize=9)
+    ax.set(xlim=(-1, 1), xlabel="Spearman rho, encoder vs projector token sensitivity", ylabel="density")
+    return _stamp(fig, f"Projector as a proxy for the encoder: encoder side by the {form} form, tokens with "
+                       f"normalised projector sensitivity >= {threshold}", note)
+
+
+def avg_vs_tokens(table: pd.DataFrame, note: str = "") -> plt.Figure:
+    """Normalised Avg (% of unpruned) against kept tokens, one line per method."""
+    data = table.reset_index()
+    base = data[data["method"] == "unpruned"]
+    data = data[data["method"] != "unpruned"].assign(avg=lambda d: 100 * d["Avg"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=data, x="tokens", y="avg", hue="method", style="method", markers=True, dashes=False, ax=ax)
+    ax.axhline(100, color="k", lw=1, ls=":", label="unpruned")
+    ax.set(xlabel=f"visual tokens kept (of {int(base['tokens'].iloc[0]) if len(base) else '?'})",
+           ylabel="Avg (% of unpruned)", xticks=sorted(data["tokens"].unique()))
+    _legend_right(ax)
+    return _stamp(fig, "Accuracy retained after pruning (normalised Avg)", note)
+
+
+def ablation_bars(table: pd.DataFrame, note: str = "") -> plt.Figure:
+    """Table 5 as bars: Avg (% of unpruned) per selection variant and budget."""
+    data = _categorical_tokens(table.reset_index().assign(avg=lambda d: 100 * d["Avg"]))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.barplot(data=data, x="tokens", y="avg", hue="variant", ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=7)
+    low = np.nanmin(data["avg"]) if len(data) else 0
+    ax.set(ylim=(max(0, low - 10), None), xlabel="visual tokens kept", ylabel="Avg (% of unpruned)")
+    _legend_right(ax)
+    return _stamp(fig, "Ablation of the selection score (Table 5)", note)
+
+
+def sweep(data: pd.DataFrame, x: str, metric: str, reference: float | None = None, reference_label: str = "",
+          note: str = "") -> plt.Figure:
+    """Score against a hyperparameter (paper Fig. 4), log x; optional horizontal reference line."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sns.lineplot(data=data, x=x, y="score", marker="o", ax=ax, label="ZOO-Prune")
+    if reference is not None:
+        ax.axhline(reference, color="crimson", ls="--", label=reference_label)
+    ax.set(xscale="log", xlabel=x, ylabel=metric, ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    return _stamp(fig, f"Effect of {x}", note)
+
+
+def speed_bars(data: pd.DataFrame, value: str, label: str, note: str = "") -> plt.Figure:
+    """Fig. 5 style: ``value`` per method at each budget, speed-up over unpruned annotated in each bar."""
+    base = data.loc[data["method"] == "unpruned", value].median()
+    pruned = _categorical_tokens(data[data["method"] != "unpruned"])
+    fig, ax = plt.subplots(figsize=(9, 4))
+    sns.barplot(data=pruned, x="tokens", y=value, hue="method", ax=ax, errorbar=None)
+    for container in ax.containers:
+        ax.bar_label(container, labels=[f"{base / b.get_height():.2f}x" if b.get_height() else "" for b in container],
+                     fontsize=6, rotation=90, label_type="center")
+    ax.axhline(base, color="k", ls=":", label=f"unpruned ({base:.3g})")
+    ax.set(xlabel="visual tokens kept", ylabel=value.replace("_", " "))
+    _legend_right(ax)
+    return _stamp(fig, f"{label}: speed-up over unpruned in each bar", note)
+
+
+def flops_bars(data: pd.DataFrame, model: str, note: str = "") -> plt.Figure:
+    """Fig. A style: TFLOPs by method and budget (analytic)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.barplot(data=_categorical_tokens(data), x="tokens", y="tflops", hue="method", ax=ax)
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=7)
+    ax.set(xlabel="visual tokens kept", ylabel="TFLOPs (analytic)")
+    _legend_right(ax)
+    return _stamp(fig, f"Prefill FLOPs of {model} (formula, not measured)", note)
+
+
+def layer_times(data: pd.DataFrame, note: str = "") -> plt.Figure:
+    """Seconds of one decoder layer of 7B width against sequence length (CPU)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    sns.lineplot(data=data, x="tokens", y="seconds", marker="o", ax=ax)
+    for _, row in data.iterrows():
+        ax.annotate(f"{row['seconds']:.2f}s", (row["tokens"], row["seconds"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set(xlabel="sequence length (tokens)", ylabel="seconds per forward")
+    return _stamp(fig, "One 7B-width decoder layer, CPU fp32, random weights", note)

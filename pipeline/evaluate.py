@@ -1,0 +1,125 @@
+"""Stage ``evaluate``: one method at one budget (or the unpruned model) through lmms-eval.
+
+    python -m pipeline.evaluate --method zoo --keep 48 --out outputs/evaluate/zoo-48
+    python -m pipeline.evaluate --method unpruned --out outputs/evaluate/unpruned
+    python -m pipeline.evaluate --profile paper --dry-run        # print every lmms-eval command of the paper
+
+Runs ``zoo_prune.evaluation.run_lmms_eval`` (model ``zoo_prune``, answers resumable from
+``outputs/lmms_cache``) and writes ``--out``: ``results.json`` (lmms-eval's), ``scores.json``
+({task: primary metric}) and ``lmms_eval/`` (its samples and log); ``--metrics``: the scores.
+Profile ``paper``: every model of ``paper.models`` at its own budget of the same level
+(``budgets[i]`` -> ``paper.models.<model>.budgets[i]``), the paper's tasks, ``paper.device``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from analysis import stats
+
+from ._common import StageError, need, parser, stage, write_json
+
+UNPRUNED = stats.UNPRUNED
+ZOO_FAMILY = ("zoo", "sum_fusion", "sensitivity_only")
+
+
+def method_options(method: str, params: dict) -> dict:
+    """The method's options from its params section (``zoo`` for the ZOO family, ``baselines`` for random)."""
+    if method in ZOO_FAMILY:
+        return {k: params["zoo"][k] for k in ("m", "h", "estimator", "seed")}
+    if method == "random":
+        return {"seed": params["baselines"]["seed"]}
+    return {}
+
+
+def sections_for(method: str) -> list[str]:
+    return ["evaluate", "budgets", "paper"] + (["zoo"] if method in ZOO_FAMILY else ["baselines"] if method == "random" else [])
+
+
+def runs(method: str, keep: int | None, params: dict, profile: str, model: str, out) -> list[dict]:
+    """The lmms-eval runs (model args, tasks, output folder, launcher) of one pipeline run."""
+    evaluate = params["evaluate"]
+    base = {"method": "none"} if method == UNPRUNED else {"method": method, "keep": keep, **method_options(method, params)}
+    if profile == "testbed":
+        return [{"model_args": {"pretrained": model, "device_map": "cpu", **base}, "tasks": need(evaluate, "evaluate", "tasks", list),
+                 "output_dir": f"{out}/lmms_eval", "limit": evaluate.get("limit"), "device": "cpu"}]
+    paper = params["paper"]
+    level = None if method == UNPRUNED else params["budgets"].index(keep)
+    found = []
+    for name, spec in paper["models"].items():
+        args = dict(base)
+        if level is not None:
+            if level >= len(spec["budgets"]) or (method == "visionzip" and "qwen" in spec["pretrained"].lower()):
+                continue  # Qwen2.5-VL: two budgets, no VisionZip (method.md section 3-4)
+            args["keep"] = spec["budgets"][level]
+            if "estimator" in spec and method in ZOO_FAMILY:
+                args["estimator"] = spec["estimator"]
+        found.append({"model_args": {"pretrained": spec["pretrained"], **args}, "tasks": paper["tasks"],
+                      "output_dir": f"{out}/{name}", "limit": None, "device": paper["device"],
+                      "num_processes": paper.get("num_processes", 1), "include_path": None})
+    return found
+
+
+def check_run(method: str, keep, params: dict) -> None:
+    from zoo_prune import available_methods
+
+    if method != UNPRUNED and method not in available_methods():
+        raise StageError(f"unknown method {method!r}; choose {UNPRUNED!r} or one of {available_methods()}")
+    if method != UNPRUNED and keep not in params["budgets"]:
+        raise StageError(f"--keep {keep} is not one of params budgets {params['budgets']}")
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__, inputs=("model",))
+    p.add_argument("--method", help=f"{UNPRUNED!r} or a zoo_prune method (all of them with --dry-run when omitted)")
+    p.add_argument("--keep", type=int, help="visual tokens kept (one of params budgets)")
+    p.add_argument("--out", help="output folder (default outputs/evaluate/<method>-<keep>)")
+    p.add_argument("--metrics", help="metrics JSON (default outputs/metrics/evaluate/<method>-<keep>.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands; run and write nothing")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    if not args.method:
+        p.error("--method is required (except with --dry-run)")
+    name = UNPRUNED if args.method == UNPRUNED else f"{args.method}-{args.keep}"
+    args.out = args.out or f"outputs/evaluate/{name}"
+    args.metrics = args.metrics or f"outputs/metrics/evaluate/{name}.json"
+    with stage(f"evaluate/{name}", args, sections_for(args.method), ["out", "metrics"], testbed_only=False) as s:
+        from zoo_prune.evaluation import run_lmms_eval
+
+        check_run(args.method, args.keep, s.params)
+        scores = {}
+        for run in runs(args.method, args.keep, s.params, s.profile, args.model, s.out["out"]):
+            results = run_lmms_eval(**run)
+            prefix = "" if s.profile == "testbed" else run["output_dir"].rsplit("/", 1)[1] + "/"
+            scores |= {prefix + task: score for task, score in stats.task_scores(results).items()}
+            shutil.copy(results["results_path"], f"{run['output_dir']}/results.json")
+        write_json(s.out["out"] / "scores.json", scores)
+        write_json(s.out["metrics"], scores)
+        s.log(metrics=scores)
+
+
+def dry_run(args) -> None:
+    """Print every lmms-eval command the profile would run (all methods and budgets unless --method)."""
+    from zoo_prune import available_methods
+    from zoo_prune.evaluation import run_lmms_eval
+
+    from ._common import load_params
+
+    params = load_params(args.params)
+    profile = args.profile or params["profile"]
+    methods = [args.method] if args.method else [UNPRUNED, *available_methods()]
+    for method in methods:
+        for keep in [None] if method == UNPRUNED else ([args.keep] if args.keep else params["budgets"]):
+            check_run(method, keep, params)
+            out = args.out or f"outputs/evaluate/{UNPRUNED if keep is None else f'{method}-{keep}'}"
+            for run in runs(method, keep, params, profile, args.model, out):
+                run_lmms_eval(**run, dry_run=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StageError as error:
+        raise SystemExit(f"error: {error}") from error

@@ -1,0 +1,64 @@
+"""Stages ``sweep_h`` and ``sweep_m`` (paper Fig. 4): ZOO-Prune on one task at one budget while h (or m)
+varies, through lmms-eval; the m sweep adds the closed-form estimator as the m -> infinity line.
+
+    python -m pipeline.sweep --over h --out outputs/sweep_h ...
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis import figures, stats
+
+from ._common import need, parser, stage, weights_note, write_json
+
+FIXED = {"h": "m", "m": "h"}  # the zoo parameter held at its params value while the other varies
+
+
+def score(model: str, task: str, limit, output_dir, **options) -> float:
+    """The task's primary score of ZOO-Prune with ``options`` (one lmms-eval run)."""
+    from zoo_prune.evaluation import run_lmms_eval
+
+    results = run_lmms_eval({"pretrained": model, "device_map": "cpu", "method": "zoo", **options}, [task],
+                            str(output_dir), limit=limit, device="cpu")
+    return stats.task_scores(results)[task]
+
+
+def main(argv=None) -> None:
+    p = parser(__doc__, inputs=("model",))
+    p.add_argument("--over", choices=tuple(FIXED), required=True)
+    p.add_argument("--out")
+    p.add_argument("--metrics")
+    p.add_argument("--figures")
+    args = p.parse_args(argv)
+    name = f"sweep_{args.over}"
+    args.out = args.out or f"outputs/{name}"
+    args.metrics = args.metrics or f"outputs/metrics/{name}.json"
+    args.figures = args.figures or f"outputs/figures/{name}"
+    with stage(name, args, ["sweep", "zoo"], ["out", "metrics", "figures"]) as s:
+        cfg, zoo = s.params["sweep"], s.params["zoo"]
+        task, keep, limit = need(cfg, "sweep", "task", str), need(cfg, "sweep", "keep", int), cfg.get("limit")
+        grid = need(cfg, "sweep", args.over, list)
+        fixed = {FIXED[args.over]: zoo[FIXED[args.over]], "seed": zoo["seed"], "estimator": zoo["estimator"], "keep": keep}
+        out = s.out["out"]
+        rows = [{args.over: value, "score": score(args.model, task, limit, out / f"{args.over}={value}",
+                                                  **fixed, **{args.over: value})} for value in grid]
+        data = pd.DataFrame(rows)
+        reference = None
+        if args.over == "m":  # h -> 0, m -> infinity: the deterministic closed form
+            reference = score(args.model, task, limit, out / "closed_form", keep=keep, seed=zoo["seed"],
+                              estimator="closed_form")
+        data.to_csv(out / "sweep.csv", index=False)
+        metric = "F1" if "existence" in task else "accuracy"
+        figure = figures.save(figures.sweep(data, args.over, f"{task} {metric} at {keep} tokens", reference,
+                                            "closed form (m -> inf)", weights_note(args.model)),
+                              s.out["figures"] / f"{name}.png")
+        metrics = {f"score/{args.over}={v}": float(x) for v, x in zip(data[args.over], data["score"])}
+        if reference is not None:
+            metrics["score/closed_form"] = float(reference)
+        write_json(s.out["metrics"], metrics)
+        s.log(metrics=metrics, tables={name: data}, images={name: figure})
+
+
+if __name__ == "__main__":
+    main()

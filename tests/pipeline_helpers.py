@@ -1,0 +1,96 @@
+"""Shared by the pipeline and notebook tests: a tiny workspace (data, random-weight testbed model,
+small params), stage runners, and a reader of offline W&B run files."""
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["testbed_attribute", "testbed_existence", "testbed_counting", "testbed_relation", "testbed_reading"]
+
+
+def small_params(**overrides) -> dict:
+    """The repository's params.yaml with every count cut to a few items; ``overrides``: {"section.key": value}."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["wandb"]["group"] = "pytest"
+    params["budgets"] = [48, 16]
+    params["sensitivity"].update(samples=3, overlay_samples=1)
+    params["proxy"].update(samples=3, directions=2)
+    params["zoo"]["m"] = 8
+    params["evaluate"].update(limit=1, zoo_methods=["zoo", "sum_fusion", "sensitivity_only"], baselines=["divprune"])
+    params["efficiency"].update(samples=1, repeats=1, new_tokens=2, layer_tokens=[8])
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        params[section][name] = value
+    return params
+
+
+def make_workspace(root: Path) -> Path:
+    """``root`` with data/testbed (8 test questions per task), a random-weight testbed model and params.yaml."""
+    from zoo_prune.testbed.dataset import build_splits
+    from zoo_prune.testbed.model import TestbedConfig, build_model
+
+    torch.set_num_threads(1)
+    build_splits(root / "data" / "testbed", sizes={"train": 0, "validation": 1, "test": 8}, progress=False)
+    model, processor = build_model(TestbedConfig(vision_width=32, vision_layers=2, text_width=32, text_layers=2))
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    write_params(root, small_params())
+    return root
+
+
+def write_params(root: Path, params: dict) -> Path:
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_stage(module, root: Path, *args: str, params: str = "params.yaml", **paths) -> None:
+    """``module.main`` with the workspace's params, model and data; outputs under ``root/outputs``."""
+    argv = ["--params", str(root / params), *args]
+    for name, value in paths.items():
+        argv += [f"--{name}", str(value)]
+    module.main(argv)
+
+
+def stage_paths(root: Path, stage: str, model: bool = True, data: bool = True) -> dict:
+    paths = {"out": root / "outputs" / stage, "metrics": root / "outputs" / "metrics" / f"{stage}.json",
+             "figures": root / "outputs" / "figures" / stage}
+    if model:
+        paths["model"] = root / "model"
+    if data:
+        paths["data"] = root / "data" / "testbed"
+    return paths
+
+
+def write_scores(folder: Path, runs: dict[str, dict[str, float]]) -> None:
+    """Hand-made evaluate runs: ``{"zoo-48": {task: score}}`` -> ``folder/zoo-48/scores.json``."""
+    for name, scores in runs.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "scores.json").write_text(json.dumps(scores))
+
+
+def offline_runs(wandb_dir: Path) -> list[dict]:
+    """Every offline W&B run under ``wandb_dir/wandb``: job_type, group, config, summary keys, logged images."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.sdk.internal.datastore import DataStore
+
+    runs = []
+    for folder in sorted((wandb_dir / "wandb").glob("offline-run-*")):
+        [log] = folder.glob("run-*.wandb")
+        store = DataStore()
+        store.open_for_scan(str(log))
+        run = {"summary": set(), "images": sorted((folder / "files" / "media" / "images").glob("**/*.png"))}
+        while (data := store.scan_data()) is not None:
+            record = pb.Record()
+            record.ParseFromString(data)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run |= {"job_type": record.run.job_type, "group": record.run.run_group, "project": record.run.project,
+                        "config": {i.key: json.loads(i.value_json) for i in record.run.config.update}}
+            elif kind == "summary":
+                run["summary"] |= {i.key or "/".join(i.nested_key) for i in record.summary.update}
+        runs.append(run)
+    return runs

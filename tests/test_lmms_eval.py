@@ -1,0 +1,252 @@
+"""lmms-eval integration: the testbed task YAMLs, the registered ``zoo_prune`` model, the runner
+(failure detection, dry run) and resuming an interrupted evaluation.
+
+A tiny random-weight LLaVA whose tokenizer covers the testbed's words stands in for the trained
+testbed model: its scores are noise, the plumbing is what is tested. lmms-eval is imported
+unconditionally: the project installs it, so a missing lmms-eval fails these tests.
+"""
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from lmms_eval.api.model import lmms
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.models import get_model
+from lmms_eval.models.chat.llava_hf import LlavaHf
+from lmms_eval.tasks import TaskManager, get_task_dict
+
+from zoo_prune import keep_count, tiny
+from zoo_prune.evaluation import PAPER_TASKS, TESTBED_TASKS, LmmsEvalError, run_lmms_eval
+from zoo_prune.lmms_eval_plugin import ZooPrune, backend_class
+from zoo_prune.testbed.dataset import build_splits
+from zoo_prune.testbed.questions import ANSWERS, FAMILIES
+
+TASKS = [f"testbed_{family}" for family in FAMILIES]
+KEEP, TOKENS = 16, (tiny.IMAGE_SIZE // tiny.PATCH_SIZE) ** 2
+
+
+def save_tiny_testbed_model(path: Path, data: Path) -> Path:
+    """``tiny.build_tiny("llava")`` with a tokenizer that also holds every word of ``data``'s questions and answers."""
+    from datasets import load_from_disk
+
+    words = [answer for answers in ANSWERS.values() for answer in answers]
+    for family in FAMILIES:
+        for split in load_from_disk(str(data / "tasks" / family)).values():
+            words += [word for question in split["question"] for word in re.findall(r"\w+", question)]
+    model, processor = tiny.build_tiny("llava")
+    processor.tokenizer = tiny.tiny_tokenizer([*tiny.WORDS, *words])
+    model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory holding data/testbed (4 test questions per task) and tiny-llava/."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("lmms")
+    build_splits(root / "data" / "testbed", sizes={"train": 0, "validation": 2, "test": 4}, progress=False)
+    save_tiny_testbed_model(root / "tiny-llava", root / "data" / "testbed")
+    return root
+
+
+@pytest.fixture
+def in_workdir(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)  # the task YAMLs read data/testbed relative to the working directory
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return workdir
+
+
+def make_model(workdir, **model_args) -> ZooPrune:
+    args = {k: v for k, v in {"method": "zoo", "keep": KEEP, "m": 8, "seed": 0, **model_args}.items() if v is not None}
+    return ZooPrune(pretrained=str(workdir / "tiny-llava"), device="cpu", **args)
+
+
+def record_image_tokens(model) -> list[int]:
+    """Filled per model call: the image placeholder tokens reaching the inner VLM (which scatters the features)."""
+    counts = []
+
+    def hook(module, args, kwargs):
+        counts.append(int((kwargs["input_ids"] == model.config.image_token_id).sum()))
+
+    model.model.model.register_forward_pre_hook(hook, with_kwargs=True)
+    return counts
+
+
+def evaluate(model, limit=2) -> dict:
+    manager = TaskManager("WARNING", include_path=str(TESTBED_TASKS), include_defaults=False, model_name="zoo_prune")
+    return simple_evaluate(model=model, tasks=["testbed"], limit=limit, task_manager=manager, bootstrap_iters=0)
+
+
+def test_task_yamls_load_and_score(in_workdir):
+    manager = TaskManager("WARNING", include_path=str(TESTBED_TASKS), include_defaults=False)
+    assert {"testbed", *TASKS} <= set(manager.all_tasks)
+    [(group, tasks)] = get_task_dict(["testbed"], manager, "chat").items()
+    assert sorted(tasks) == sorted(TASKS)
+    for name, task in tasks.items():
+        docs = list(task.test_docs())
+        assert len(docs) == 4
+        [turn] = task.doc_to_messages(docs[0])
+        image, text = turn["content"]
+        assert image["type"] == "image" and image["url"].size == (96, 96)
+        assert text == {"type": "text", "text": docs[0]["question"]}  # verbatim: no pre / post prompt
+        assert task.config.generation_kwargs["do_sample"] is False
+    existence = tasks["testbed_existence"]
+    docs = [{"family": "existence", "answer": a} for a in ("yes", "yes", "no", "no")]
+    items = [existence.process_results(d, [r])["f1"] for d, r in zip(docs, [" Yes.", "no", "yes", "No"])]
+    assert existence.aggregation()["f1"](items) == pytest.approx(0.5)  # tp 1, predicted 2, actual 2
+    attribute = tasks["testbed_attribute"]
+    red = {"family": "attribute", "answer": "red"}
+    items = [attribute.process_results(red, [r])["accuracy"] for r in ("RED ", "blue")]
+    assert attribute.aggregation()["accuracy"](items) == 0.5
+
+
+def test_registered_model_answers_with_k_visual_tokens(in_workdir):
+    assert get_model("zoo_prune") is ZooPrune
+    model = make_model(in_workdir)
+    assert isinstance(model, LlavaHf) and isinstance(model, lmms) and not model.is_simple
+    image_tokens = record_image_tokens(model)
+    results = evaluate(model, limit=1)
+    assert set(TASKS) <= set(results["results"])
+    assert [n for n in image_tokens if n] == [KEEP] * len(TASKS)
+    assert [k.numel() for k in model.pruning.kept_indices] == [KEEP]
+
+
+def test_unpruned_and_bad_model_args(workdir):
+    assert make_model(workdir, method="none", m=None, seed=None).pruning is None
+    assert make_model(workdir, keep=1.0).pruning is None
+    with pytest.raises(ValueError, match="nope"):
+        make_model(workdir, method="nope")
+    with pytest.raises(ValueError, match="typo"):
+        make_model(workdir, method="none", m=None, seed=None, typo=1)
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        ZooPrune(pretrained="./no/such/model", device="cpu")
+
+
+def test_qwen_backend_needs_qwen_vl_utils():
+    from lmms_eval.models.chat import qwen2_5_vl
+
+    if qwen2_5_vl._has_qwen_vl:
+        assert issubclass(backend_class("qwen2_5_vl"), qwen2_5_vl.Qwen2_5_VL)
+    else:
+        with pytest.raises(ImportError, match="qwen-vl-utils"):
+            backend_class("qwen2_5_vl")
+    assert issubclass(backend_class("llava_next"), LlavaHf)
+    with pytest.raises(ValueError, match="'bert'"):
+        backend_class("bert")
+
+
+def test_interrupted_run_resumes_without_recomputing(in_workdir):
+    """10 questions (2 per task); the run is interrupted during the 4th, the next one computes only 7
+    and answers as an uninterrupted run does."""
+    cache = in_workdir / "resume-cache"
+    calls = []
+
+    def count_calls(model, stop_at=None):
+        generate = model.model.generate
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return generate(*args, **kwargs)
+
+        model.model.generate = counted
+
+    first = make_model(in_workdir, seed=3, resume_cache=str(cache))
+    count_calls(first, stop_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(first)
+    calls.clear()
+    second = make_model(in_workdir, seed=3, resume_cache=str(cache))
+    count_calls(second)
+    results = evaluate(second)
+    assert set(TASKS) <= set(results["results"])
+    stats = second.answer_store().get_stats()
+    assert (stats["hits"], stats["misses"], stats["total_cached_entries"], len(calls)) == (3, 7, 10, 7)
+    uninterrupted = evaluate(make_model(in_workdir, seed=3))
+    for task in TASKS:  # the same answers as one uninterrupted run
+        assert [s["resps"] for s in results["samples"][task]] == [s["resps"] for s in uninterrupted["samples"][task]]
+    other = make_model(in_workdir, seed=4, resume_cache=str(cache))  # another seed: another key
+    assert other.resume_dir != second.resume_dir
+
+
+def test_cli_run_writes_results_and_reuses_answers(workdir, monkeypatch, capfd):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = {"pretrained": str(workdir / "tiny-llava"), "method": "zoo", "keep": KEEP, "m": 8, "seed": 5}
+    results = run_lmms_eval(args, ["testbed"], "out", limit=2, device="cpu", cwd=workdir, use_cache="cli-cache")
+    assert set(TASKS) <= set(results["results"]) and Path(results["results_path"]).is_file()
+    assert "0 answers reused, 10 computed" in capfd.readouterr().out
+
+
+def test_failed_run_is_detected(workdir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = {"pretrained": str(workdir / "tiny-llava"), "method": "zoo", "keep": KEEP}
+    with pytest.raises(LmmsEvalError, match=r"(?s)exit code 0\).*no results JSON.*command: .*--tasks testbed_nope"):
+        run_lmms_eval(args, ["testbed_nope"], "bad", limit=1, device="cpu", cwd=workdir, use_cache=False)
+
+
+def test_exit_zero_without_results_is_a_failure(tmp_path, monkeypatch):
+    exit_zero = [sys.executable, "-c", "print('done')"]
+    monkeypatch.setattr("zoo_prune.evaluation.lmms_eval_command", lambda *args, **kwargs: exit_zero)
+    with pytest.raises(LmmsEvalError, match="no results JSON"):
+        run_lmms_eval({"pretrained": "x"}, ["testbed"], tmp_path)
+
+
+def test_dry_run_prints_the_exact_command(capsys):
+    args = {"pretrained": "llava-hf/llava-1.5-7b-hf", "method": "zoo", "keep": 64, "m": 64, "h": 0.01}
+    run = run_lmms_eval(args, list(PAPER_TASKS), "outputs/paper", include_path=None, dry_run=True, device="cuda")
+    command = run["command"]
+    assert capsys.readouterr().out.strip() == shlex.join(command)
+    assert command[:3] == [sys.executable, "-m", "lmms_eval"]
+    assert shlex.join(command[3:]) == (
+        "--model zoo_prune --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=zoo,keep=64,m=64,h=0.01,"
+        "resume_cache=outputs/lmms_cache --tasks " + ",".join(PAPER_TASKS) +
+        " --batch_size 1 --output_path outputs/paper --log_samples --device cuda")
+    several = run_lmms_eval(args, ["pope"], "out", dry_run=True, num_processes=8)["command"]
+    assert several[1:5] == ["launch", "--num_processes=8", "-m", "lmms_eval"]
+    with pytest.raises(ValueError, match="keep"):
+        run_lmms_eval({**args, "keep": "6,4"}, ["pope"], "out", dry_run=True)
+
+
+def test_qwen_backend_prunes(in_workdir, monkeypatch):
+    """lmms-eval's qwen2_5_vl under zoo_prune on a tiny Qwen2.5-VL, with the two pieces this machine
+    lacks stubbed: qwen-vl-utils' ``process_vision_info`` (here: the messages' images as they are)
+    and loading the processor (transformers' Qwen video processor needs torchvision)."""
+    from types import SimpleNamespace
+
+    from lmms_eval.models.chat import qwen2_5_vl as chat
+    from lmms_eval.models.simple import qwen2_5_vl as simple
+
+    model, processor = tiny.build_tiny("qwen2_5_vl")
+    model.save_pretrained(in_workdir / "tiny-qwen")
+
+    def process_vision_info(conversations, **kwargs):
+        items = [item for turns in conversations for turn in turns for item in turn["content"]]
+        return [item["image"] for item in items if item["type"] == "image"], None, {}
+
+    monkeypatch.setattr(chat, "_has_qwen_vl", True)
+    monkeypatch.setattr(chat, "process_vision_info", process_vision_info)
+    monkeypatch.setattr(simple, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *a, **k: processor))
+    monkeypatch.setattr(simple, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: processor.tokenizer))
+    backend_class.cache_clear()
+    try:
+        qwen = ZooPrune(pretrained=str(in_workdir / "tiny-qwen"), device="cpu", method="zoo", keep=0.5, m=8)
+        assert isinstance(qwen, chat.Qwen2_5_VL)
+        image_tokens = record_image_tokens(qwen)
+        results = evaluate(qwen, limit=1)
+    finally:
+        backend_class.cache_clear()
+    assert set(TASKS) <= set(results["results"])
+    [kept] = qwen.pruning.kept_indices
+    grid = processor.image_processor(images=[Image.new("RGB", (96, 96))], return_tensors="pt")["image_grid_thw"]
+    tokens = int(grid.prod()) // 4  # a 96 x 96 testbed image's merged tokens (2 x 2 merge)
+    assert [n for n in image_tokens if n] == [keep_count(0.5, tokens)] * len(TASKS) == [kept.numel()] * len(TASKS)

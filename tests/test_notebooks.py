@@ -1,0 +1,47 @@
+"""The notebooks run headless (papermill) on a tiny workspace's real stage outputs and show figures."""
+
+import json
+
+import pytest
+
+from pipeline import ablation, proxy, results, sensitivity
+from pipeline_helpers import ROOT, make_workspace, run_stage, small_params, stage_paths, write_scores
+
+NOTEBOOKS = {"sensitivity": 3, "proxy_analysis": 1, "results": 2}  # figures each must show on this fixture
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """sensitivity and proxy run on a random-weight model; results and ablation on hand-made scores."""
+    root = make_workspace(tmp_path_factory.mktemp("notebooks"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "disabled")
+        for module, name in ((sensitivity, "sensitivity"), (proxy, "proxy")):
+            run_stage(module, root, **stage_paths(root, name))
+        params = small_params()
+        methods = params["evaluate"]["zoo_methods"] + params["evaluate"]["baselines"]
+        scores = {"unpruned": {"testbed_attribute": 0.8}} | {f"{m}-{k}": {"testbed_attribute": 0.6}
+                                                             for m in methods for k in params["budgets"]}
+        write_scores(root / "outputs" / "evaluate", scores)
+        for module, name in ((results, "results"), (ablation, "ablation")):
+            run_stage(module, root, runs=root / "outputs" / "evaluate", **stage_paths(root, name, data=False))
+    return root / "outputs"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_headless(outputs, tmp_path, name, monkeypatch):
+    import papermill
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    done = papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
+                                      parameters={"OUTPUTS": str(outputs)}, kernel_name="python3",
+                                      cwd=str(ROOT / "notebooks"), progress_bar=False)
+    shown = [o for c in done.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in shown if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in shown) >= NOTEBOOKS[name]
+    text = json.dumps([o.get("data", {}).get("text/markdown", "") for o in shown])
+    if name == "proxy_analysis":
+        assert "Encoder-side form: **backward**" in text
+    if name == "results":
+        assert "| 48 | zoo |" in text and "sweep_h/sweep.csv not produced yet" in text

@@ -1,0 +1,178 @@
+"""Run lmms-eval with the ``zoo_prune`` model and check that it produced its results.
+
+    results = run_lmms_eval({"pretrained": "models/testbed-llava", "method": "zoo", "keep": 64, "m": 64, "h": 0.01},
+                            ["testbed"], "outputs/lmms_eval/zoo-64")
+
+builds and runs ``python -m lmms_eval --model zoo_prune ...`` (``accelerate launch -m lmms_eval``
+with ``num_processes`` > 1), streams its output to the console and ``output_dir/lmms_eval.log``,
+and returns the results JSON it wrote. A run counts as done only if a results JSON newer than the
+run exists and holds every requested task: lmms-eval can exit 0 after a failure. Otherwise
+:class:`LmmsEvalError` names the command, the exit code, the missing file or tasks and the log.
+
+Resume: with ``use_cache`` (default) each answer is stored as soon as it exists, under
+``DEFAULT_CACHE`` (outside ``output_dir``, which a DVC stage deletes before it reruns), keyed on the
+model arguments (see ``zoo_prune.lmms_eval_plugin``); a killed run started again reuses them.
+
+CLI: ``python -m zoo_prune.evaluation --model-args pretrained=DIR,method=zoo,keep=64 --tasks testbed
+--output-dir outputs/lmms_eval/run [--limit N] [--dry-run]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TESTBED_TASKS = Path(__file__).resolve().parent.parent / "lmms_tasks" / "testbed"
+DEFAULT_CACHE = Path("outputs/lmms_cache")
+PAPER_TASKS = ("gqa", "mmbench_en_dev", "mme", "pope", "scienceqa_img", "vqav2", "textvqa_val", "mmmu_val", "seedbench")
+
+
+class LmmsEvalError(RuntimeError):
+    """An lmms-eval run that did not produce its results."""
+
+
+def format_model_args(model_args: dict) -> str:
+    """``{"pretrained": p, "keep": 64}`` -> ``pretrained=p,keep=64`` (None values dropped)."""
+    if not model_args or "pretrained" not in model_args:
+        raise ValueError(f"model_args needs 'pretrained' (a folder or hub id), got {model_args!r}")
+    parts = []
+    for key, value in model_args.items():
+        if value is None:
+            continue
+        text = str(value)
+        if any(c in text for c in ",= ") or not text:
+            raise ValueError(f"model_args[{key!r}] = {value!r}: lmms-eval cannot pass empty values or ',', '=', ' '")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def lmms_eval_command(model_args: dict, tasks: list[str], output_dir, *, limit: int | float | None = None,
+                      include_path=TESTBED_TASKS, use_cache: bool | str | os.PathLike = True,
+                      num_processes: int = 1, device: str | None = None) -> list[str]:
+    """The exact lmms-eval command line (a list of arguments) that :func:`run_lmms_eval` runs."""
+    if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    model_args = dict(model_args)
+    if use_cache:
+        model_args["resume_cache"] = str(DEFAULT_CACHE if use_cache is True else use_cache)
+    if num_processes == 1:
+        launcher = [sys.executable, "-m", "lmms_eval"]
+    else:
+        accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+        launcher = [accelerate, "launch", f"--num_processes={num_processes}", "-m", "lmms_eval"]
+    command = launcher + ["--model", "zoo_prune", "--model_args", format_model_args(model_args),
+                          "--tasks", ",".join(tasks), "--batch_size", "1",
+                          "--output_path", str(output_dir), "--log_samples"]
+    if include_path is not None:
+        command += ["--include_path", str(include_path)]
+    if device is not None:
+        command += ["--device", device]
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    return command
+
+
+def find_results(output_dir, since: float = 0.0) -> Path | None:
+    """The newest ``*_results.json`` under ``output_dir`` written after ``since`` (a time.time())."""
+    found = [p for p in Path(output_dir).glob("**/*_results.json") if p.stat().st_mtime >= since]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | float | None = None,
+                  include_path=TESTBED_TASKS, use_cache: bool | str | os.PathLike = True, dry_run: bool = False,
+                  num_processes: int = 1, device: str | None = None, cwd=None) -> dict:
+    """Run lmms-eval on ``tasks`` with ``zoo_prune`` and ``model_args``; return its results JSON.
+
+    Args:
+        model_args: the ``--model_args`` of ``zoo_prune``: ``pretrained`` and ``method``, ``keep``,
+            ``m``, ``h``, ``seed``, ``estimator``, ... plus backend arguments (``device_map``, ``dtype``).
+        tasks: lmms-eval task or group names (``["testbed"]``, or the paper's ``PAPER_TASKS``).
+        output_dir: lmms-eval's ``--output_path``; the run's log goes to ``output_dir/lmms_eval.log``.
+        limit: samples per task (testing only).
+        include_path: folder of extra task YAMLs (the testbed's by default); None for hub tasks only.
+        use_cache: store each answer for resuming (True: under ``DEFAULT_CACHE``; or a folder); False: off.
+        dry_run: print and return ``{"command": [...]}`` without running anything.
+        num_processes: GPUs (``accelerate launch`` data parallelism when > 1).
+        device: lmms-eval's ``--device`` (``cpu``, ``cuda``); its default when None.
+        cwd: working directory of the run (the testbed YAMLs read ``data/testbed`` relative to it).
+    """
+    command = lmms_eval_command(model_args, tasks, output_dir, limit=limit, include_path=include_path,
+                                use_cache=use_cache, num_processes=num_processes, device=device)
+    printable = shlex.join(command)
+    if dry_run:
+        print(printable, flush=True)
+        return {"command": command}
+    output_dir = Path(cwd or ".") / output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_path = output_dir / "lmms_eval.log"
+    start = time.time()
+    tail = collections.deque(maxlen=30)
+    pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    with open(log_path, "w") as log, subprocess.Popen(command, cwd=cwd, **pipe) as process:
+        try:
+            for line in process.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                tail.append(line)
+        except BaseException:  # interrupted: stop lmms-eval too (its stored answers stay for the next run)
+            process.terminate()
+            raise
+    returncode = process.wait()
+    results_path = find_results(output_dir, since=start)
+    problem = None
+    if results_path is None:
+        problem = f"no results JSON (*_results.json) newer than the run under {output_dir}"
+    else:
+        results = json.loads(results_path.read_text())
+        done = set(results.get("results", {})) | set(results.get("groups", {}))
+        missing = [t for t in tasks if t not in done]
+        if missing:
+            problem = f"{results_path} has no results for task(s) {missing}"
+    if problem or returncode != 0:
+        raise LmmsEvalError(
+            f"lmms-eval failed (exit code {returncode}): {problem or 'non-zero exit'}\n"
+            f"command: {printable}\nlog: {log_path}\nlast lines:\n{''.join(tail)}"
+        )
+    results["results_path"] = str(results_path)
+    return results
+
+
+def main(argv=None) -> None:
+    from lmms_eval.utils import simple_parse_args_string
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-args", required=True, help="pretrained=DIR_OR_HUB_ID,method=zoo,keep=64,m=64,h=0.01")
+    parser.add_argument("--tasks", default="testbed", help="comma-separated lmms-eval tasks or groups")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--limit", type=float)
+    parser.add_argument("--include-path", default=str(TESTBED_TASKS), help="task YAML folder ('' for none)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE), help="resume cache folder ('' to disable)")
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--device")
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # `kill` / `timeout` stop lmms-eval too
+    limit = int(args.limit) if args.limit is not None and args.limit.is_integer() else args.limit
+    try:
+        results = run_lmms_eval(simple_parse_args_string(args.model_args), args.tasks.split(","), args.output_dir,
+                                limit=limit, include_path=args.include_path or None, use_cache=args.cache or False,
+                                dry_run=args.dry_run, num_processes=args.num_processes, device=args.device)
+    except (ValueError, LmmsEvalError) as error:
+        sys.exit(f"error: {error}")
+    if not args.dry_run:
+        print(f"results: {results['results_path']}")
+
+
+if __name__ == "__main__":
+    main()
