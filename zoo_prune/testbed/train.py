@@ -50,7 +50,7 @@ class TrainConfig:
 
     seed: int = 0
     train_images: int | None = None  # None = the whole train split
-    a_steps: int = 800
+    a_steps: int = 300
     a_batch: int = 32
     a_lr: float = 2e-3
     b_steps: int = 0  # LM on ground-truth visual tokens (0: skip B and C; measured worse, see the model card)
@@ -59,8 +59,8 @@ class TrainConfig:
     c_steps: int = 300  # projector alignment
     c_batch: int = 64
     c_lr: float = 2e-3
-    d_steps: int = 1600  # projector + LM on the tower's features
-    d_lr: float = 2e-3
+    d_steps: int = 800  # projector + LM on the tower's features
+    d_lr: float = 1e-3
     b_max_turns: int = 12
     weight_decay: float = 0.01
     warmup: float = 0.05  # fraction of each stage's steps
