@@ -74,6 +74,19 @@ class MLPParts:
     def in_features(self) -> int:
         return self.w1.shape[1]
 
+    def linear(self, t: Tensor) -> Tensor:
+        """W1 t, the first layer without its bias."""
+        return t @ self.w1.T
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """a = W1 x + b1."""
+        return self.linear(x) if self.b1 is None else self.linear(x) + self.b1
+
+    @property
+    def norm_matrix(self) -> Tensor:
+        """A matrix with the second layer's norm on activation differences: W2 itself."""
+        return self.w2
+
 
 def _describe(module: nn.Module) -> str:
     children = ", ".join(f"{name}: {type(child).__name__}" for name, child in module.named_children())
@@ -120,7 +133,8 @@ def mlp_parts(projector: nn.Module, estimator: str, dtype: torch.dtype, device: 
         cast = lambda t: None if t is None else t.detach().to(device=device, dtype=dtype)  # noqa: E731
         return MLPParts(cast(first.weight), cast(first.bias), act, cast(second.weight))
 
-    return cached(projector, ("mlp", estimator, dtype, str(device)), build)
+    # One cache entry for every estimator: ``estimator`` only names the caller in the error.
+    return cached(projector, ("mlp", dtype, str(device)), build)
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,17 @@ class LowRankMLPParts:
     @property
     def in_features(self) -> int:
         return self.b1_factor.shape[1]
+
+    def linear(self, t: Tensor) -> Tensor:
+        """A1 B1 t, the rank-r first layer without its bias."""
+        return (t @ self.b1_factor.T) @ self.a1.T
+
+    pre_activation = MLPParts.pre_activation
+
+    @property
+    def norm_matrix(self) -> Tensor:
+        """S2 V2^T: the rank-r second layer's norm on activation differences."""
+        return self.norm2
 
 
 def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -122,18 +122,14 @@ def zo_sensitivity(
             u = u / u.norm(dim=1, keepdim=True)
             if estimator == "naive":
                 sensitivity = _naive(projector, x, u, h, chunk_tokens)
-            elif estimator == "fused":
-                parts = mlp_parts(projector, estimator, dtype, device)
-                _check_width(parts.in_features, d_v, projector)
-                first = lambda t: t @ parts.w1.T  # noqa: E731
-                chunk = _chunk(chunk_tokens, m, max(parts.w2.shape), estimator, device)
-                sensitivity = _mlp_finite_differences(first, parts.b1, parts.act, parts.w2, x, u, h, chunk)
             else:
-                parts = lowrank_parts(projector, rank, dtype, device)
+                if estimator == "fused":
+                    parts = mlp_parts(projector, estimator, dtype, device)
+                else:
+                    parts = lowrank_parts(projector, rank, dtype, device)
                 _check_width(parts.in_features, d_v, projector)
-                first = lambda t: (t @ parts.b1_factor.T) @ parts.a1.T  # noqa: E731
-                chunk = _chunk(chunk_tokens, m, max(parts.norm2.shape), estimator, device)
-                sensitivity = _mlp_finite_differences(first, parts.b1, parts.act, parts.norm2, x, u, h, chunk)
+                chunk = _chunk(chunk_tokens, m, max(parts.norm_matrix.shape), estimator, device)
+                sensitivity = _mlp_finite_differences(parts, x, u, h, chunk)
     return sensitivity.reshape(features.shape[:-1])
 
 
@@ -178,23 +174,20 @@ def _naive(projector: nn.Module, x: Tensor, u: Tensor, h: float, chunk_tokens: i
     return sensitivity
 
 
-def _mlp_finite_differences(first, b1, act, second: Tensor, x: Tensor, u: Tensor, h: float, chunk: int) -> Tensor:
-    """Shared body of ``fused`` and ``lowrank``: ||second @ (act(a + h v) - act(a - h v))|| / 2h.
-
-    ``first`` is the bias-free first layer, ``second`` a matrix with the same norm on the
-    activation difference as the second layer (W2 itself, or S2 V2^T for the low-rank one).
+def _mlp_finite_differences(parts, x: Tensor, u: Tensor, h: float, chunk: int) -> Tensor:
+    """Shared body of ``fused`` and ``lowrank`` (``parts`` is MLPParts or LowRankMLPParts):
+    ||N (act(a + h v) - act(a - h v))|| / 2h with a = W1 x + b1, v = W1 u and N ``parts.norm_matrix``,
+    which has the second layer's norm on the activation difference (W2 itself, or S2 V2^T).
     """
     n = x.shape[0]
-    m = u.shape[0]
-    a = first(x)
-    if b1 is not None:
-        a = a + b1
-    v = h * first(u)  # (m, d_h)
+    a = parts.pre_activation(x)
+    v = h * parts.linear(u)  # (m, d_h)
+    norm_matrix = parts.norm_matrix
     sensitivity = torch.empty(n, dtype=x.dtype, device=x.device)
     for start in range(0, n, chunk):
         ac = a[start : start + chunk, None, :]  # (c, 1, d_h)
-        difference = act(ac + v) - act(ac - v)  # (c, m, d_h)
-        delta = difference @ second.T  # (c, m, d_l or r)
+        difference = parts.act(ac + v) - parts.act(ac - v)  # (c, m, d_h)
+        delta = difference @ norm_matrix.T  # (c, m, d_l or r)
         sensitivity[start : start + ac.shape[0]] = delta.norm(dim=-1).mean(dim=1) / (2 * h)
     return sensitivity
 
@@ -204,9 +197,7 @@ def _closed_form(projector: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
     parts = mlp_parts(projector, "closed_form", dtype, x.device)
     _check_width(parts.in_features, x.shape[1], projector)
     gram = jacobian_gram(projector, dtype, x.device)
-    a = x @ parts.w1.T
-    if parts.b1 is not None:
-        a = a + parts.b1
+    a = parts.pre_activation(x)
     # act is elementwise (checked in mlp_parts), so its Jacobian-vector product with ones is act'(a).
     _, slope = torch.func.jvp(parts.act, (a,), (torch.ones_like(a),))
     squared = ((slope @ gram) * slope).sum(dim=1).clamp_min(0)
