@@ -14,7 +14,8 @@ def main(argv=None) -> None:
 
         params = s.params["data"]
         sizes = {split: need(params, "data", split, int) for split in ("train", "validation", "test")}
-        card = build_splits(s.out["out"], sizes=sizes, seed=need(params, "data", "seed", int))
+        per_family = {"train": need(params, "data", "train_per_family", int)}
+        card = build_splits(s.out["out"], sizes=sizes, per_family=per_family, seed=need(params, "data", "seed", int))
         s.log(metrics={f"images/{k}": v["images"] for k, v in card["splits"].items()})
 
 

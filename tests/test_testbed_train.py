@@ -10,7 +10,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from zoo_prune.testbed import ask, build_splits, generate_scene, split_seeds
 from zoo_prune.testbed.evaluate import answer, score
 from zoo_prune.testbed.model import TestbedConfig as ModelConfig, build_model
-from zoo_prune.testbed.train import TrainConfig, conversation, plot_loss, train
+from zoo_prune.testbed.train import (TrainConfig, background_rate, conversation, curriculum_tokens, lm_loss, plot_loss,
+                                    train)
 from zoo_prune.tiny import chat_prompt
 
 COMMITTED = Path(__file__).resolve().parents[1] / "models" / "testbed-llava"
@@ -69,6 +70,37 @@ def test_a_few_steps_lower_every_stage_loss_and_are_deterministic(data, run, tmp
     assert (tmp_path / "loss.png").stat().st_size > 0
 
 
+def test_curriculum_shows_object_tokens_first_then_adds_the_background(run):
+    # 100 steps, 25% objects only, then 25% ramp: hand-worked rates
+    assert [background_rate(t, 100, 0.25, 0.25) for t in (0, 24, 25, 30, 45, 50, 99)] == [0, 0, 0, 0.2, 0.8, 1, 1]
+    objects = torch.zeros(144, dtype=torch.bool)
+    objects[[3, 4, 15, 16, 100]] = True
+    generator = torch.Generator().manual_seed(0)
+    assert curriculum_tokens(objects, 0.0, generator).tolist() == [3, 4, 15, 16, 100]
+    assert curriculum_tokens(objects, 1.0, generator) is None
+    shown = [curriculum_tokens(objects, 0.5, generator) for _ in range(200)]
+    assert all(set(objects.nonzero().flatten().tolist()) <= set(s.tolist()) and bool((s.diff() > 0).all()) for s in shown)
+    assert abs(sum(len(s) - 5 for s in shown) / (200 * 139) - 0.5) < 0.02
+    # the small run's stage D (5 steps of 25% + 25%): 0, 0, then (2 - 1.25) / 1.25, then everything
+    _, _, info = run
+    assert [r["background"] for r in info["log"] if r["stage"] == "D"] == pytest.approx([0, 0, 0.6, 1, 1])
+
+
+def test_lm_loss_of_a_batch_with_different_token_counts_is_the_mean_of_its_conversations():
+    model, processor = build_model(SMALL)
+    image_id, tokenizer = model.config.image_token_id, processor.tokenizer
+    width = model.config.text_config.hidden_size
+    qas = [[{"question": "what colour is the circle?", "answer": "red"}],
+           [{"question": "how many squares are there?", "answer": "2"}, {"question": "is there a red cross?", "answer": "no"}]]
+    visual = [torch.randn(3, width, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    batch = [conversation(tokenizer, [image_id] * len(v), q) for v, q in zip(visual, qas)]
+    with torch.no_grad():
+        together = lm_loss(model, visual, batch, tokenizer.pad_token_id, image_id)
+        alone = [lm_loss(model, [v], [b], tokenizer.pad_token_id, image_id) for v, b in zip(visual, batch)]
+    answers = [sum(y != -100 for y in labels) for _, labels in batch]  # 2 and 4 answer tokens
+    torch.testing.assert_close(together, (alone[0] * answers[0] + alone[1] * answers[1]) / sum(answers))
+
+
 def test_saved_folder_round_trips(run, tmp_path):
     model, processor, _ = run
     model.save_pretrained(tmp_path)
@@ -88,7 +120,8 @@ def test_saved_folder_round_trips(run, tmp_path):
 def test_committed_model_answers_test_questions_above_chance():
     """40 test questions (8 images x 5 families); answering from the priors alone scores about 0.29.
 
-    The committed model is below the issue's target (see its README): it scored 0.375 here when committed.
+    The committed model scored 0.625 here when committed (attribute 8/8, counting 7/8, existence 6/8; relation and
+    reading at chance, see its README).
     """
     model = LlavaForConditionalGeneration.from_pretrained(COMMITTED).eval()
     processor = AutoProcessor.from_pretrained(COMMITTED)
@@ -96,4 +129,4 @@ def test_committed_model_answers_test_questions_above_chance():
     questions = [(scene, q) for scene in scenes for q in ask(scene)]
     predictions = answer(model, processor, [s.image for s, _ in questions], [q["question"] for _, q in questions])
     accuracy = score("attribute", predictions, [q["answer"] for _, q in questions])  # plain accuracy
-    assert accuracy >= 0.35, list(zip(predictions, [q["answer"] for _, q in questions]))
+    assert accuracy >= 0.55, list(zip(predictions, [q["answer"] for _, q in questions]))

@@ -37,7 +37,7 @@ GENERATOR_VERSION = "1.0"  # bump whenever the pixels or questions of a seed cha
 SPLITS = ("train", "validation", "test")
 SEEDS_PER_SPLIT = 1_000_000
 DEFAULT_SIZES = {"train": 4000, "validation": 200, "test": 300}  # images per split
-DEFAULT_PER_FAMILY = {"train": 2, "validation": 1, "test": 1}  # questions per family per image
+DEFAULT_PER_FAMILY = {"train": 6, "validation": 1, "test": 1}  # questions per family per image (at most)
 TASK_SPLITS = ("validation", "test")  # the splits written per family for evaluation
 
 

@@ -50,17 +50,20 @@ class TrainConfig:
 
     seed: int = 0
     train_images: int | None = None  # None = the whole train split
-    a_steps: int = 300
+    a_steps: int = 1500
     a_batch: int = 32
     a_lr: float = 2e-3
+    a_glyph_boxes_only: bool = False  # digit loss on glyph-box patches only (else every patch, mostly "none")
     b_steps: int = 0  # LM on ground-truth visual tokens (0: skip B and C; measured worse, see the model card)
     b_batch: int = 16  # conversations per step in B and D
-    b_lr: float = 1.5e-3
+    b_lr: float = 5e-4
     c_steps: int = 300  # projector alignment
     c_batch: int = 64
     c_lr: float = 2e-3
-    d_steps: int = 800  # projector + LM on the tower's features
-    d_lr: float = 1e-3
+    d_steps: int = 3600  # projector + LM on the tower's features
+    d_lr: float = 5e-4  # 2e-3 and above leave the LM at the answer prior (measured; see the model card)
+    d_objects_only: float = 0.25  # fraction of B/D steps that show the LM only the object patches' tokens ...
+    d_ramp: float = 0.25  # ... then this fraction adding the background tokens back, at a linearly rising rate
     b_max_turns: int = 12
     weight_decay: float = 0.01
     warmup: float = 0.05  # fraction of each stage's steps
@@ -181,9 +184,12 @@ def stage_a(model, pixels, targets, cfg: TrainConfig, log: list, generator: torc
         for name, head in heads.items():
             logits = head(states)
             target = targets[name][index]
+            if name == "glyph" and cfg.a_glyph_boxes_only:
+                target = target.masked_fill(target == 0, -100)  # ignored by cross_entropy
             losses[name] = F.cross_entropy(logits.flatten(0, 1), target.flatten())
             if step >= cfg.a_steps - 20:  # mean over the last 20 steps, on object patches for object labels
-                mask = targets["colour"][index] > 0 if name in ("colour", "shape", "joint", "glyph") else torch.ones_like(target, dtype=torch.bool)
+                mask = target >= 0 if name == "glyph" else torch.ones_like(target, dtype=torch.bool)
+                mask = mask & (targets["colour"][index] > 0) if name in ("colour", "shape", "joint", "glyph") else mask
                 hit = (logits.argmax(-1) == target)[mask].float().mean().item()
                 accuracy[name] = accuracy.get(name, 0.0) + hit / 20
         loss = sum(losses.values()) / len(losses)
@@ -202,9 +208,10 @@ def tower_features(model, pixels: torch.Tensor, chunk: int = 64) -> torch.Tensor
     return torch.cat([tower_states(model, pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
 
 
-def lm_loss(model, visual: torch.Tensor, batch: list[tuple[list[int], list[int]]], pad_id: int,
+def lm_loss(model, visual: list[torch.Tensor], batch: list[tuple[list[int], list[int]]], pad_id: int,
             image_token_id: int) -> torch.Tensor:
-    """Cross-entropy on the answers of ``batch`` (right-padded), image placeholders replaced by ``visual`` (B, N, W)."""
+    """Cross-entropy on the answers of ``batch`` (right-padded); conversation i's image placeholders
+    are replaced by ``visual[i]`` (n_i, W), n_i = its number of placeholders."""
     length = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), length), pad_id)
     labels = torch.full((len(batch), length), -100)
@@ -213,12 +220,30 @@ def lm_loss(model, visual: torch.Tensor, batch: list[tuple[list[int], list[int]]
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     embeds = model.get_input_embeddings()(ids)
     image = ids == image_token_id
-    embeds = embeds.masked_scatter(image[..., None], visual.reshape(-1, visual.shape[-1]).to(embeds.dtype))
+    embeds = embeds.masked_scatter(image[..., None], torch.cat(visual).to(embeds.dtype))
     hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.lm_head(hidden[:, :-1][keep])
     return F.cross_entropy(logits, targets[keep])
+
+
+def background_rate(step: int, steps: int, objects_only: float, ramp: float) -> float:
+    """Curriculum: the fraction of background tokens shown at ``step`` (0 for the first
+    ``objects_only`` of the steps, then rising linearly to 1 over the next ``ramp``)."""
+    start, length = objects_only * steps, ramp * steps
+    if step < start:
+        return 0.0
+    return 1.0 if step >= start + length else (step - start) / length
+
+
+def curriculum_tokens(objects: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor | None:
+    """Token indices (raster order) of one image: every object patch and each background patch with
+    probability ``rate``; None (all tokens) at rate 1. ``objects``: (N,) bool, object patches."""
+    if rate >= 1.0:
+        return None
+    shown = objects | (torch.rand(objects.shape, generator=generator) < rate)
+    return shown.nonzero().flatten() if bool(shown.any()) else None
 
 
 class TruthTokens(nn.Module):
@@ -251,11 +276,15 @@ class TruthTokens(nn.Module):
 
 
 def qa_stage(name: str, model, processor, visual, questions, params, steps: int, lr: float, cfg: TrainConfig,
-             log: list, generator: torch.Generator, progress: bool = True) -> None:
-    """Train ``params`` on multi-turn question conversations; ``visual(index)`` gives the (B, N, W) visual tokens."""
+             log: list, generator: torch.Generator, progress: bool = True, objects: torch.Tensor | None = None) -> None:
+    """Train ``params`` on multi-turn question conversations; ``visual(index)`` gives the (B, N, W) visual tokens.
+
+    With ``objects`` ((images, N) bool, the object patches), the first steps follow the curriculum of
+    :func:`background_rate` (LLaVA has no such step: it starts from a trained LLM; here the content
+    look-up "question word -> matching visual token" forms much sooner among ~20 object tokens than among 144).
+    """
     tokenizer = processor.tokenizer
     image_id = model.config.image_token_id
-    image_ids = [image_id] * model.config.image_seq_length
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     model.train()
     n = len(questions)
@@ -266,20 +295,23 @@ def qa_stage(name: str, model, processor, visual, questions, params, steps: int,
             order, cursor = torch.randperm(n, generator=generator), 0
         index = order[cursor:cursor + cfg.b_batch]
         cursor += cfg.b_batch
-        batch = []
-        for i in index.tolist():
+        rate = 1.0 if objects is None else background_rate(step, steps, cfg.d_objects_only, cfg.d_ramp)
+        tokens, batch = [], []
+        for row, i in zip(visual(index), index.tolist()):
+            shown = curriculum_tokens(objects[i], rate, generator) if rate < 1.0 else None
+            tokens.append(row if shown is None else row[shown])
             qs = questions[i]
             perm = torch.randperm(len(qs), generator=generator).tolist()[:cfg.b_max_turns]
-            batch.append(conversation(tokenizer, image_ids, [qs[j] for j in perm]))
+            batch.append(conversation(tokenizer, [image_id] * len(tokens[-1]), [qs[j] for j in perm]))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, cfg.warmup)
-        loss = lm_loss(model, visual(index), batch, tokenizer.pad_token_id, image_id)
+        loss = lm_loss(model, tokens, batch, tokenizer.pad_token_id, image_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        log.append({"stage": name[0], "step": step, "loss": loss.item()})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        log.append({"stage": name[0], "step": step, "loss": loss.item(), "background": rate})
+        bar.set_postfix(loss=f"{loss.item():.3f}", background=f"{rate:.2f}")
     model.eval()
 
 
@@ -327,6 +359,7 @@ def train(data_dir, cfg: TrainConfig, *, progress: bool = True):
     pixels = pixel_values(processor, rows["image"])
     targets = patch_targets(rows, cfg.model.patch_size)
     questions = list(rows["questions"])
+    objects = targets["colour"] > 0  # patches covered by an object (boxes included)
     times["data_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -344,7 +377,7 @@ def train(data_dir, cfg: TrainConfig, *, progress: bool = True):
         params = lm + [p for name, p in truth.named_parameters() if not name.startswith("embed.")]
         qa_stage("B (LM on ground-truth tokens)", model, processor,
                  lambda index: truth({k: v[index] for k, v in targets.items()}), questions, params,
-                 cfg.b_steps, cfg.b_lr, cfg, log, generator, progress)
+                 cfg.b_steps, cfg.b_lr, cfg, log, generator, progress, objects)
         times["stage_b_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         align_stage(model, features, truth.eval(), targets, cfg, log, generator, progress)
@@ -352,7 +385,7 @@ def train(data_dir, cfg: TrainConfig, *, progress: bool = True):
         t0 = time.perf_counter()
     projector = model.model.multi_modal_projector
     qa_stage("D (projector + LM on tower features)", model, processor, lambda index: projector(features[index]),
-             questions, lm + list(projector.parameters()), cfg.d_steps, cfg.d_lr, cfg, log, generator, progress)
+             questions, lm + list(projector.parameters()), cfg.d_steps, cfg.d_lr, cfg, log, generator, progress, objects)
     times["stage_d_s"] = time.perf_counter() - t0
     for p in tower:
         p.requires_grad_(True)
@@ -390,9 +423,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="models/testbed-llava")
     parser.add_argument("--seed", type=int, default=0)
     defaults = TrainConfig()
-    for name in ("train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps", "d_lr", "eval_limit"):
+    for name in ("train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps", "d_lr", "d_objects_only", "d_ramp", "eval_limit"):
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+    parser.add_argument("--a-glyph-boxes-only", type=lambda v: v.lower() in ("1", "true", "yes"), default=defaults.a_glyph_boxes_only,
+                        help="true: stage A's digit loss on glyph-box patches only")
     for name in ("vision_width", "vision_layers", "text_width", "text_layers"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults.model, name))
     parser.add_argument("--threads", type=int, help="torch threads (1 avoids thrashing on a shared 2-core machine)")
@@ -402,7 +437,7 @@ def main(argv=None) -> None:
     model_cfg = TestbedConfig(**{k: getattr(args, k) for k in ("vision_width", "vision_layers", "text_width", "text_layers")})
     cfg = TrainConfig(seed=args.seed, model=model_cfg, **{k: getattr(args, k) for k in (
         "train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps", "d_lr",
-        "eval_limit")})
+        "d_objects_only", "d_ramp", "eval_limit", "a_glyph_boxes_only")})
     model, processor, info = train(args.data, cfg)
 
     from .evaluate import evaluate
