@@ -17,7 +17,8 @@
 * Stage C (with B), the projector alone (LLaVA's feature alignment): regress the ground-truth tokens from
   the frozen tower's features (relative MSE).
 * Stage D, projector + language model on the same conversations with the tower's features
-  (tower frozen; its features are computed once).
+  (tower frozen; its features are computed once), after a curriculum: object-patch tokens only first, then the
+  background tokens back at a rising rate (``d_objects_only``, ``d_ramp``).
 
 Deterministic under ``--seed`` (seeded weights and data order, deterministic algorithms) for a
 fixed thread count (``--threads``; floating-point reductions depend on it).
@@ -60,7 +61,7 @@ class TrainConfig:
     c_steps: int = 300  # projector alignment
     c_batch: int = 64
     c_lr: float = 2e-3
-    d_steps: int = 3600  # projector + LM on the tower's features
+    d_steps: int = 4800  # projector + LM on the tower's features
     d_lr: float = 5e-4  # 2e-3 and above leave the LM at the answer prior (measured; see the model card)
     d_objects_only: float = 0.25  # fraction of B/D steps that show the LM only the object patches' tokens ...
     d_ramp: float = 0.25  # ... then this fraction adding the background tokens back, at a linearly rising rate
