@@ -83,8 +83,9 @@ def paper_table(runs: pd.DataFrame, tokens: int, order: list[str] | None = None)
     """The paper's results table from long-form ``runs`` (columns method, keep, task, score).
 
     Rows: the unpruned model, then every method at every budget (largest first); columns: each
-    task's score, its score relative to unpruned (``<task> rel``), and ``Avg`` = mean relative
-    score (paper Section 4 / App. C: "normalized average"). Relative values are fractions.
+    task's score, its score relative to unpruned (``<task> rel``), ``Avg`` = mean relative
+    score (paper Section 4 / App. C: "normalized average"; relative values are fractions) and
+    ``Mean`` = mean raw score (``Avg`` overweights a task the unpruned model scores near 0 on).
     Methods appear in ``order`` (default: as first seen in ``runs``), budgets largest first.
     """
     missing = {"method", "keep", "task", "score"} - set(runs.columns)
@@ -100,7 +101,8 @@ def paper_table(runs: pd.DataFrame, tokens: int, order: list[str] | None = None)
     for task in wide.columns:
         table[f"{task} rel"] = rel[task]
     table["Avg"] = rel.mean(axis=1, skipna=False)
-    table = table[[c for t in wide.columns for c in (t, f"{t} rel")] + ["Avg"]].reset_index()
+    table["Mean"] = wide.mean(axis=1, skipna=False)
+    table = table[[c for t in wide.columns for c in (t, f"{t} rel")] + ["Avg", "Mean"]].reset_index()
     table.insert(2, "pruned %", 100 * (1 - table["tokens"] / tokens))
     order = {m: i for i, m in enumerate(dict.fromkeys([UNPRUNED, *(order or []), *runs["method"]]))}
     table = table.sort_values(["tokens", "method"], key=lambda c: -c if c.name == "tokens" else c.map(order))

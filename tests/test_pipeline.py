@@ -66,6 +66,7 @@ def test_paper_table_normalised_avg_by_hand():
     assert table.loc[(2, "zoo"), "a rel"] == pytest.approx(0.5)
     assert table.loc[(2, "zoo"), "Avg"] == pytest.approx(0.75)  # (0.4 / 0.8 + 0.5 / 0.5) / 2
     assert table.loc[(2, "divprune"), "Avg"] == pytest.approx(0.75)  # (1 + 0.5) / 2
+    assert table.loc[(2, "zoo"), "Mean"] == pytest.approx(0.45) and table.loc[(2, "divprune"), "Mean"] == pytest.approx(0.525)
     assert table.loc[(8, "unpruned"), "Avg"] == 1 and table.loc[(2, "zoo"), "pruned %"] == 75
     assert "| 2 | zoo | 75 | 0.4 | 50.0% |" in stats.markdown_table(table)
     with pytest.raises(ValueError, match="exactly one 'unpruned'"):
