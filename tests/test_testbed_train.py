@@ -92,7 +92,7 @@ def test_lm_loss_of_a_batch_with_different_token_counts_is_the_mean_of_its_conve
     width = model.config.text_config.hidden_size
     qas = [[{"question": "what colour is the circle?", "answer": "red"}],
            [{"question": "how many squares are there?", "answer": "2"}, {"question": "is there a red cross?", "answer": "no"}]]
-    visual = [torch.randn(3, width, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    visual = [torch.randn(n, width, generator=torch.Generator().manual_seed(n)) for n in (3, 5)]  # 3 and 5 image tokens
     batch = [conversation(tokenizer, [image_id] * len(v), q) for v, q in zip(visual, qas)]
     with torch.no_grad():
         together = lm_loss(model, visual, batch, tokenizer.pad_token_id, image_id)
