@@ -189,8 +189,9 @@ def stage_a(model, pixels, targets, cfg: TrainConfig, log: list, generator: torc
                 target = target.masked_fill(target == 0, -100)  # ignored by cross_entropy
             losses[name] = F.cross_entropy(logits.flatten(0, 1), target.flatten())
             if step >= cfg.a_steps - 20:  # mean over the last 20 steps, on object patches for object labels
-                mask = target >= 0 if name == "glyph" else torch.ones_like(target, dtype=torch.bool)
-                mask = mask & (targets["colour"][index] > 0) if name in ("colour", "shape", "joint", "glyph") else mask
+                mask = target >= 0  # not ignored
+                if name in ("colour", "shape", "joint", "glyph"):
+                    mask &= targets["colour"][index] > 0
                 hit = (logits.argmax(-1) == target)[mask].float().mean().item()
                 accuracy[name] = accuracy.get(name, 0.0) + hit / 20
         loss = sum(losses.values()) / len(losses)
@@ -299,7 +300,7 @@ def qa_stage(name: str, model, processor, visual, questions, params, steps: int,
         rate = 1.0 if objects is None else background_rate(step, steps, cfg.d_objects_only, cfg.d_ramp)
         tokens, batch = [], []
         for row, i in zip(visual(index), index.tolist()):
-            shown = curriculum_tokens(objects[i], rate, generator) if rate < 1.0 else None
+            shown = None if objects is None else curriculum_tokens(objects[i], rate, generator)
             tokens.append(row if shown is None else row[shown])
             qs = questions[i]
             perm = torch.randperm(len(qs), generator=generator).tolist()[:cfg.b_max_turns]
@@ -418,13 +419,17 @@ def plot_loss(log: list, path) -> None:
     plt.close(fig)
 
 
+CLI_FIELDS = ("train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps",
+              "d_lr", "d_objects_only", "d_ramp", "eval_limit")  # TrainConfig numbers that are --flags
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="data/testbed")
     parser.add_argument("--out", default="models/testbed-llava")
     parser.add_argument("--seed", type=int, default=0)
     defaults = TrainConfig()
-    for name in ("train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps", "d_lr", "d_objects_only", "d_ramp", "eval_limit"):
+    for name in CLI_FIELDS:
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
     parser.add_argument("--a-glyph-boxes-only", type=lambda v: v.lower() in ("1", "true", "yes"), default=defaults.a_glyph_boxes_only,
@@ -436,9 +441,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_cfg = TestbedConfig(**{k: getattr(args, k) for k in ("vision_width", "vision_layers", "text_width", "text_layers")})
-    cfg = TrainConfig(seed=args.seed, model=model_cfg, **{k: getattr(args, k) for k in (
-        "train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps", "d_lr",
-        "d_objects_only", "d_ramp", "eval_limit", "a_glyph_boxes_only")})
+    cfg = TrainConfig(seed=args.seed, model=model_cfg,
+                      **{k: getattr(args, k) for k in (*CLI_FIELDS, "a_glyph_boxes_only")})
     model, processor, info = train(args.data, cfg)
 
     from .evaluate import evaluate
