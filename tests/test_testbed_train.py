@@ -120,8 +120,8 @@ def test_saved_folder_round_trips(run, tmp_path):
 def test_committed_model_answers_test_questions_above_chance():
     """40 test questions (8 images x 5 families); answering from the priors alone scores about 0.29.
 
-    The committed model scored 0.625 here when committed (attribute 8/8, counting 7/8, existence 6/8; relation and
-    reading at chance, see its README).
+    The committed model scored 0.90 here when committed (attribute, existence and reading 8/8, counting 7/8,
+    relation 5/8; 88.3% over the whole test split, see its README).
     """
     model = LlavaForConditionalGeneration.from_pretrained(COMMITTED).eval()
     processor = AutoProcessor.from_pretrained(COMMITTED)
@@ -129,4 +129,4 @@ def test_committed_model_answers_test_questions_above_chance():
     questions = [(scene, q) for scene in scenes for q in ask(scene)]
     predictions = answer(model, processor, [s.image for s, _ in questions], [q["question"] for _, q in questions])
     accuracy = score("attribute", predictions, [q["answer"] for _, q in questions])  # plain accuracy
-    assert accuracy >= 0.55, list(zip(predictions, [q["answer"] for _, q in questions]))
+    assert accuracy >= 0.75, list(zip(predictions, [q["answer"] for _, q in questions]))

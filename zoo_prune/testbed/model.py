@@ -33,7 +33,7 @@ class TestbedConfig:
 
     image_size: int = 96
     patch_size: int = 8
-    vision_width: int = 64
+    vision_width: int = 96
     vision_layers: int = 3
     vision_heads: int = 4
     text_width: int = 128

@@ -51,10 +51,10 @@ class TrainConfig:
 
     seed: int = 0
     train_images: int | None = None  # None = the whole train split
-    a_steps: int = 1500
+    a_steps: int = 3000
     a_batch: int = 32
     a_lr: float = 2e-3
-    a_glyph_boxes_only: bool = False  # digit loss on glyph-box patches only (else every patch, mostly "none")
+    a_glyph_boxes_only: bool = True  # digit loss on glyph-box patches only (False: every patch, 95% "none": digits never learned)
     b_steps: int = 0  # LM on ground-truth visual tokens (0: skip B and C; measured worse, see the model card)
     b_batch: int = 16  # conversations per step in B and D
     b_lr: float = 5e-4
