@@ -288,12 +288,12 @@ def load_model(model_dir):
 
 
 def load_rows(data_dir, family: str, limit: int, split: str = "test", offset: int = 0):
-    """Questions ``offset`` to ``offset + limit`` of a testbed task (``zoo_prune.testbed.evaluate.load_task``)."""
-    from zoo_prune.testbed.evaluate import load_task
+    """Questions ``offset`` to ``offset + limit`` of a testbed task (``zoo_prune.testbed.dataset.load_split``)."""
+    from zoo_prune.testbed.dataset import load_split
 
     if not (Path(data_dir) / "tasks").exists():
         raise StageError(f"testbed data {str(data_dir)!r} not found; run the data stage (python -m pipeline.data)")
-    rows = load_task(data_dir, family, split)
+    rows = load_split(data_dir, f"tasks/{family}", split)
     if offset + limit > len(rows):
         raise StageError(f"task {family!r} has {len(rows)} {split} questions; {offset} + {limit} asked for")
     return rows.select(range(offset, offset + limit))

@@ -9,7 +9,7 @@ import pytest
 
 from zoo_prune.testbed import (ANSWERS, COLOURS, FAMILIES, PATCH_COLOURS, PATCH_GLYPHS, PATCH_SHAPES, SHAPES, SPLITS,
                                SceneObject, ask, build_splits, generate_scene, patch_labels, split_seeds)
-from zoo_prune.testbed.dataset import png_bytes
+from zoo_prune.testbed.dataset import load_split, png_bytes
 from zoo_prune.testbed.scenes import COLOUR_JITTER
 
 SEEDS = range(5000, 5060)
@@ -149,6 +149,10 @@ def test_build_save_load_round_trip_and_card(tmp_path):
         assert len(tasks["test"]) == card["splits"]["test"]["families"][family]["questions"] > 0
         assert all(a in ANSWERS[family] for a in tasks["test"]["answer"])
     assert sum(card["splits"]["train"]["families"]["existence"]["answers"].values()) == 10
+    assert load_split(tmp_path / "tb", "scenes", "test", limit=2)["seed"] == [2_000_000, 2_000_001]
+    assert len(load_split(tmp_path / "tb", "tasks/counting", "test")) == 4  # one counting question per image
+    with pytest.raises(FileNotFoundError, match="no tasks/colour under"):
+        load_split(tmp_path / "tb", "tasks/colour", "test")
     again = build_splits(tmp_path / "tb2", image_size=48, sizes=sizes, per_family={"train": 2}, progress=False)
     assert again == card  # includes the sha256 of every split's PNG bytes
     with pytest.raises(ValueError, match="exists"):

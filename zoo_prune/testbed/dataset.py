@@ -232,6 +232,20 @@ def build_splits(out_dir, *, image_size: int = 96, patch_size: int = 4, sizes: d
     return result
 
 
+def load_split(data_dir, folder: str, split: str, limit: int | None = None):
+    """The rows of ``split`` in ``data_dir/<folder>`` as :func:`build_splits` wrote them, the first ``limit``.
+
+    ``folder``: ``"scenes"`` (one row per image with all its questions) or ``"tasks/<family>"`` (one row per question).
+    """
+    from datasets import load_from_disk
+
+    path = Path(data_dir) / folder
+    if not path.exists():
+        raise FileNotFoundError(f"no {folder} under {data_dir}; build it with python -m zoo_prune.testbed.dataset --out {data_dir}")
+    rows = load_from_disk(str(path))[split]
+    return rows.select(range(min(limit, len(rows)))) if limit else rows
+
+
 def contact_sheet(path, seeds=range(2_000_000, 2_000_008), image_size: int = 96, patch_size: int = 4,
                   families=FAMILIES, min_coverage: float = 0.25) -> Path:
     """A PNG of a few scenes: each image, its per-patch object labels, and its questions and answers."""

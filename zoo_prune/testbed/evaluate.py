@@ -12,24 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..tiny import chat_prompt
+from .dataset import load_split
 from .questions import FAMILIES, METRICS
-
-
-def load_task(data_dir, family: str, split: str, limit: int | None = None):
-    """The ``datasets`` rows of one task split (``data_dir/tasks/<family>``), the first ``limit`` of them."""
-    from datasets import load_from_disk
-
-    path = Path(data_dir) / "tasks" / family
-    if not path.exists():
-        raise FileNotFoundError(f"no task {family!r} under {data_dir}; build it with python -m zoo_prune.testbed.dataset")
-    rows = load_from_disk(str(path))[split]
-    return rows.select(range(min(limit, len(rows)))) if limit else rows
 
 
 def normalise(text: str) -> str:
@@ -69,7 +58,7 @@ def evaluate(model, processor, data_dir, split: str = "validation", families=FAM
     try:
         with pruning:
             for family in families:
-                rows = load_task(data_dir, family, split, limit)
+                rows = load_split(data_dir, f"tasks/{family}", split, limit)
                 predictions = []
                 for start in tqdm(range(0, len(rows), batch_size), desc=f"{family} {method or 'unpruned'}",
                                   disable=not progress, leave=False):

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..tiny import chat_prompt
+from .dataset import load_split
 from .model import TestbedConfig, build_model
 from .scenes import COLOURS, PATCH_COLOURS, PATCH_GLYPHS, PATCH_SHAPES, SceneObject, patch_labels
 
@@ -73,17 +74,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- data
-
-
-def load_scenes(data_dir, split: str = "train", limit: int | None = None):
-    """The scene rows of ``split`` (``data_dir/scenes``), the first ``limit`` of them."""
-    from datasets import load_from_disk
-
-    path = Path(data_dir) / "scenes"
-    if not path.exists():
-        raise FileNotFoundError(f"no scenes under {data_dir}; build them with python -m zoo_prune.testbed.dataset --out {data_dir}")
-    rows = load_from_disk(str(path))[split]
-    return rows.select(range(min(limit, len(rows)))) if limit else rows
 
 
 def pixel_values(processor, images, chunk: int = 256) -> torch.Tensor:
@@ -352,7 +342,7 @@ def train(data_dir, cfg: TrainConfig, *, progress: bool = True):
     set_determinism(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model, processor = build_model(cfg.model, seed=cfg.seed)
-    rows = load_scenes(data_dir, "train", cfg.train_images)
+    rows = load_split(data_dir, "scenes", "train", cfg.train_images)
     size = rows[0]["image"].size[0]
     if size != cfg.model.image_size:
         raise ValueError(f"the data's images are {size} px but the model's image_size is {cfg.model.image_size}")
