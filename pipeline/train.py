@@ -3,14 +3,29 @@
 The trained model is committed to git (an output with ``cache: false``), and the stage depends on
 the data's ``card.json`` (deterministic) rather than its folder (whose Arrow metadata is not), so
 ``dvc repro`` on a fresh clone finds it up to date and never retrains unless its inputs change.
+The folder's hand-written model card (``README.md``) is carried over to the new folder when the
+training config is the one it describes (the same ``training_log.json`` config), else dropped with a notice.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from ._common import parser, stage
+
+
+def carry_card(old: Path, new: Path, config: dict) -> None:
+    """Copy ``old/README.md`` into ``new`` if ``old``'s training config equals ``config``."""
+    card, log = old / "README.md", old / "training_log.json"
+    if not card.exists():
+        return
+    if log.exists() and json.loads(log.read_text()).get("config") == config:
+        shutil.copy2(card, new / "README.md")
+        print(f"model card {card} kept: same training config")
+    else:
+        print(f"model card {card} dropped: it describes another training config; write one for the new model")
 
 
 def main(argv=None) -> None:
@@ -28,6 +43,7 @@ def main(argv=None) -> None:
             cli += [f"--{key.replace('_', '-')}", str(value)]
         train.main(cli)
         info = json.loads((s.out["out"] / "training_log.json").read_text())
+        carry_card(Path(args.out), s.out["out"], info["config"])
         s.log(metrics={f"validation/{k}": v for k, v in info.get("validation", {}).items()},
               images={"loss_curve": s.out["out"] / "loss_curve.png"})
 

@@ -11,6 +11,7 @@ import yaml
 
 from analysis import flops, stats
 from pipeline import ablation, efficiency, evaluate, proxy, results, sensitivity
+from pipeline.train import carry_card
 from pipeline_helpers import (ROOT, TASKS, make_workspace, offline_runs, run_stage, small_params, stage_paths, write_params,
                               write_scores)
 
@@ -245,6 +246,20 @@ def test_paper_profile_fails_fast_and_dry_run_prints_the_commands(workspace, wan
                for c in commands)
     assert all("--tasks gqa,mmbench_en_dev,mme,pope,scienceqa_img,vqav2,textvqa_val,mmmu_val,seedbench" in c for c in commands)
     assert not (tmp_path / "outputs").exists()
+
+
+def test_train_stage_keeps_the_model_card_only_for_the_same_training_config(tmp_path):
+    import json
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    (old / "README.md").write_text("card of seed 0")
+    (old / "training_log.json").write_text(json.dumps({"config": {"seed": 0, "a_steps": 3000}}))
+    carry_card(old, new, {"seed": 0, "a_steps": 1500})  # another model: its card would lie
+    assert not (new / "README.md").exists()
+    carry_card(old, new, {"seed": 0, "a_steps": 3000})
+    assert (new / "README.md").read_text() == "card of seed 0"
+    carry_card(tmp_path / "absent", tmp_path, {"seed": 0})  # no previous folder: nothing to carry, no error
 
 
 def test_dvc_yaml_declares_what_each_stage_reads():
