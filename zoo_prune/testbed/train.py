@@ -411,6 +411,7 @@ def plot_loss(log: list, path) -> None:
 
 CLI_FIELDS = ("train_images", "a_steps", "a_batch", "a_lr", "b_steps", "b_batch", "b_lr", "c_steps", "c_lr", "d_steps",
               "d_lr", "d_objects_only", "d_ramp", "eval_limit")  # TrainConfig numbers that are --flags
+MODEL_CLI_FIELDS = ("vision_width", "vision_layers", "text_width", "text_layers")  # TestbedConfig sizes that are --flags
 
 
 def main(argv=None) -> None:
@@ -424,13 +425,13 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
     parser.add_argument("--a-glyph-boxes-only", type=lambda v: v.lower() in ("1", "true", "yes"), default=defaults.a_glyph_boxes_only,
                         help="true: stage A's digit loss on glyph-box patches only")
-    for name in ("vision_width", "vision_layers", "text_width", "text_layers"):
+    for name in MODEL_CLI_FIELDS:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults.model, name))
     parser.add_argument("--threads", type=int, help="torch threads (1 avoids thrashing on a shared 2-core machine)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_cfg = TestbedConfig(**{k: getattr(args, k) for k in ("vision_width", "vision_layers", "text_width", "text_layers")})
+    model_cfg = TestbedConfig(**{k: getattr(args, k) for k in MODEL_CLI_FIELDS})
     cfg = TrainConfig(seed=args.seed, model=model_cfg,
                       **{k: getattr(args, k) for k in (*CLI_FIELDS, "a_glyph_boxes_only")})
     model, processor, info = train(args.data, cfg)
