@@ -69,6 +69,12 @@ class PruningMethod:
     name: ClassVar[str] = ""
     stage: ClassVar[str] = "projector"
 
+    def llm_tokens(self, visual: int, keep: int, text: int, layers: int) -> list[int]:
+        """Tokens entering each of the ``layers`` decoder layers in a prefill of one image of ``visual``
+        tokens pruned to ``keep``, with ``text`` text tokens (what the FLOPs ledger counts). Methods
+        that prune before the language model: ``text + keep`` at every layer."""
+        return [text + keep] * layers
+
     def select(self, features: Tensor, projected: Tensor, k: int, *, projector: nn.Module) -> Tensor:
         raise NotImplementedError(
             f"pruning method {self.name!r} acts at stage {self.stage!r}, not on projected tokens; "

@@ -38,6 +38,10 @@ class FastV(PruningMethod):
     def __post_init__(self):
         check_int("layer", self.layer)
 
+    def llm_tokens(self, visual: int, keep: int, text: int, layers: int) -> list[int]:
+        """Every token in layers 0 .. K-1, the kept ones from layer K on."""
+        return [text + visual] * min(self.layer, layers) + [text + keep] * max(0, layers - self.layer)
+
 
 def last_token_attention(attention: nn.Module, hidden: Tensor, position_embeddings, key_mask: Tensor | None) -> Tensor:
     """(B, L): softmax attention of the last query over all keys, averaged over heads, in float32.
