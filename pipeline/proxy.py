@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     with stage("proxy", args, ["zoo", "proxy"], ["out", "metrics", "figures"]) as s:
         from zoo_prune import get_method
-        from zoo_prune.models.common import record_io
+        from zoo_prune.adapters import record_io
 
         cfg, zoo = s.params["proxy"], s.params["zoo"]
         form = need(cfg, "proxy", "form", str, ("backward", "finite_difference"))

@@ -22,7 +22,7 @@ from ._common import load_model, load_rows, need, parser, stage, weights_note, w
 @torch.no_grad()
 def projector_io(model, processor, image, question: str) -> tuple[dict, torch.Tensor]:
     """(processor inputs, X): what the model feeds its projector for one image (one forward of its vision side)."""
-    from zoo_prune.models.common import record_io
+    from zoo_prune.adapters import record_io
     from zoo_prune.tiny import chat_prompt
 
     inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")

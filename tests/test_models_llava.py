@@ -115,7 +115,7 @@ def test_bad_arguments_raise_naming_the_value_and_leave_the_model_untouched(kwar
     with pytest.raises(error) as raised:
         apply_pruning(model, **kwargs)
     assert all(word in str(raised.value) for word in words), str(raised.value)
-    assert not {"forward", "generate", "_zoo_prune_handle"} & set(vars(model))
+    assert not {"forward", "generate", "_zoo_prune_dispatch"} & set(vars(model))
     assert not any(module._forward_pre_hooks for module in model.modules())
     torch.testing.assert_close(logits(model, inputs), expected, rtol=0, atol=0)
 
@@ -138,7 +138,7 @@ def test_remove_restores_the_outputs_of_a_never_patched_copy(method):
     handle.remove()
     handle.remove()  # harmless twice
     assert pruned.shape[1] < inputs["input_ids"].shape[1]
-    assert not {"forward", "generate", "_zoo_prune_handle"} & set(vars(model))
+    assert not {"forward", "generate", "_zoo_prune_dispatch"} & set(vars(model))
     torch.testing.assert_close(logits(model, inputs), logits(never_patched, inputs), rtol=0, atol=0)
     assert torch.equal(greedy(model, inputs), greedy(never_patched, inputs))
     with apply_pruning(model, method, keep=8):  # and a context manager does the same
@@ -146,12 +146,49 @@ def test_remove_restores_the_outputs_of_a_never_patched_copy(method):
     torch.testing.assert_close(logits(model, inputs), logits(never_patched, inputs), rtol=0, atol=0)
 
 
-def test_pruning_twice_is_refused_until_removed():
-    model, _, _ = prompts("llava")
-    with apply_pruning(model, "zoo", keep=8):
-        with pytest.raises(RuntimeError, match="already has pruning"):
-            apply_pruning(model, "divprune", keep=8)
-    apply_pruning(model, "divprune", keep=8).remove()
+@pytest.mark.parametrize("order", ["inner first", "outer first"])
+def test_nested_handles_newest_in_effect_and_removed_in_either_order_restore_the_model(order):
+    """A user's handle on a model that already has one (the lmms-eval model's): the newer is in
+    effect; removing both, in either order, restores a never-patched copy's outputs exactly."""
+    model, _, inputs = prompts("llava")
+    never_patched = copy.deepcopy(model)
+    outer = apply_pruning(model, "zoo", keep=8, m=4)
+    with apply_pruning(copy.deepcopy(never_patched), "divprune", keep=4) as reference_handle:
+        pass
+    inner = apply_pruning(model, "divprune", keep=4)
+    assert logits(model, inputs).shape[1] == inputs["input_ids"].shape[1] - N + 4  # the newer one (4 tokens)
+    assert inner.active and not outer.active
+    first, second = (inner, outer) if order == "inner first" else (outer, inner)
+    first.remove()
+    assert second.active
+    kept = 8 if second is outer else 4
+    assert logits(model, inputs).shape[1] == inputs["input_ids"].shape[1] - N + kept
+    second.remove()
+    assert not {"forward", "generate", "_zoo_prune_dispatch"} & set(vars(model))
+    torch.testing.assert_close(logits(model, inputs), logits(never_patched, inputs), rtol=0, atol=0)
+    assert torch.equal(greedy(model, inputs), greedy(never_patched, inputs))
+
+
+def test_a_wrapper_installed_over_pruning_survives_its_removal():
+    """Someone wraps ``generate`` after pruning (as an evaluation harness may): removing the pruning
+    keeps their wrapper, and the model computes the unpruned outputs through it."""
+    model, _, inputs = prompts("llava")
+    never_patched = copy.deepcopy(model)
+    handle = apply_pruning(model, "divprune", keep=4)
+    calls = []
+    pruned_generate = model.generate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return pruned_generate(*args, **kwargs)
+
+    model.generate = counted
+    handle.remove()
+    assert model.generate is counted
+    assert torch.equal(greedy(model, inputs), greedy(never_patched, inputs)) and calls
+    torch.testing.assert_close(logits(model, inputs), logits(never_patched, inputs), rtol=0, atol=0)
+    with apply_pruning(model, "divprune", keep=4):  # no second pair of wrappers: the dispatcher is reused
+        assert logits(model, inputs).shape[1] == inputs["input_ids"].shape[1] - N + 4
 
 
 def test_positional_input_ids_and_labels_are_pruned_consistently():

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from .models import apply_pruning
+from .pruned_model import apply_pruning
 
 DIM = 0.25  # brightness of a pruned token's patch
 

@@ -18,25 +18,26 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..methods import PruningMethod, register_method
+from ..methods.base import LLMMethod, register_method
 
 
 @register_method("fastv")
 @dataclass
-class FastV(PruningMethod):
+class FastV(LLMMethod):
     """FastV: keep the k visual tokens of each image most attended by the last token, from layer ``layer`` on."""
 
     layer: int = 2
-    stage: ClassVar[str] = "llm"
 
     def __post_init__(self):
         check_int("layer", self.layer)
+
+    def hooks(self, language_model: nn.Module, layers: nn.ModuleList) -> "FastVHooks":
+        return FastVHooks(language_model, layers, self.layer)
 
     def llm_tokens(self, visual: int, keep: int, text: int, layers: int) -> list[int]:
         """Every token in layers 0 .. K-1, the kept ones from layer K on."""

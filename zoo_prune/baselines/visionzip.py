@@ -17,25 +17,23 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_positive_float
-from ..methods import PruningMethod, register_method
+from ..methods.base import VisionMethod, register_method
 
 DOMINANT_FRACTION = 27 / 32
 
 
 @register_method("visionzip")
 @dataclass
-class VisionZip(PruningMethod):
+class VisionZip(VisionMethod):
     """VisionZip: ``dominant_fraction`` of the k tokens are dominant (CLS included), the rest contextual."""
 
     dominant_fraction: float = DOMINANT_FRACTION
-    stage: ClassVar[str] = "vision"
 
     def __post_init__(self):
         check_positive_float("dominant_fraction", self.dominant_fraction)
@@ -47,8 +45,11 @@ class VisionZip(PruningMethod):
         dominant = min(k, max(1, round(self.dominant_fraction * k)))
         return dominant, k - dominant
 
-    def merge(self, hidden: Tensor, cls_attention: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return visionzip_tokens(hidden, cls_attention, keys, *self.split(k))
+    def capture(self, attention: nn.Module):
+        return record_cls_attention(attention)
+
+    def merge(self, hidden: Tensor, record: dict, rows: list[int], k: int) -> tuple[Tensor, Tensor]:
+        return visionzip_tokens(hidden, record["cls_attention"][rows], record["keys"][rows], *self.split(k))
 
 
 def visionzip_tokens(hidden: Tensor, cls_attention: Tensor, keys: Tensor, dominant: int, contextual: int) -> tuple[Tensor, Tensor]:

@@ -49,7 +49,7 @@ def evaluate(model, processor, data_dir, split: str = "validation", families=FAM
              method: str | None = None, keep: int | float | None = None, batch_size: int = 25,
              progress: bool = False, **options) -> dict:
     """{family: score, ..., "average": mean} on ``split``; pruned with ``method`` / ``keep`` if given."""
-    from ..models import apply_pruning
+    from ..pruned_model import apply_pruning
 
     was_training = model.training
     model.eval()

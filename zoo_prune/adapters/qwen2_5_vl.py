@@ -19,16 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from ..projector import GroupedProjector
-from .common import Family, Units, record_io, register_family
+from .base import ModelAdapter, Units, record_io, register_adapter
 
 
-@register_family
-class Qwen2_5_VLFamily(Family):
+@register_adapter
+class Qwen2_5_VLAdapter(ModelAdapter):
     model_class = "Qwen2_5_VLForConditionalGeneration"
-    stages = ("projector", "llm")
+    supports = ("projector", "llm")
     image_keys = ("pixel_values", "image_grid_thw")
 
-    def __init__(self, model: nn.Module, keep):
+    def __init__(self, model: nn.Module, keep=None):
         super().__init__(model, keep)
         self.merge_unit = model.config.vision_config.spatial_merge_size ** 2
         self._grouped = GroupedProjector(self.projector, group=self.merge_unit)
@@ -44,7 +44,7 @@ class Qwen2_5_VLFamily(Family):
     def token_counts(self, inputs: dict) -> list[int]:
         return (inputs["image_grid_thw"].prod(dim=-1) // self.merge_unit).tolist()
 
-    def encode(self, inputs: dict, stage: str) -> Units:
+    def encode(self, inputs: dict, tower_hidden: bool = False) -> Units:
         """One unit per image (images may differ in size)."""
         from transformers.vision_utils import get_vision_window_index
 
@@ -55,8 +55,10 @@ class Qwen2_5_VLFamily(Family):
         merged_order = torch.argsort(window_index.to(io["input"].device))
         features = io["input"].reshape(-1, self.merge_unit * io["input"].shape[-1])[merged_order]
         counts = self.token_counts(inputs)
-        budgets = self.image_budgets(inputs, counts)
-        return Units(budgets, list(range(len(counts))), list(features.split(counts)), list(outputs.pooler_output))
+        budgets = self.image_budgets(inputs, counts) if self.keep is not None else counts
+        merge = visual.spatial_merge_size
+        grids = [(int(t) * int(h) // merge, int(w) // merge) for t, h, w in grid.tolist()]
+        return Units(budgets, list(range(len(counts))), list(features.split(counts)), list(outputs.pooler_output), grids=grids)
 
     def slots(self, kept: Tensor, n_kept: int, n_placeholders: int) -> Tensor:
         """The kept tokens' own columns, so that their gathered positions are their own."""

@@ -7,7 +7,7 @@ P * keep / 5. The language model receives the base patch's kept tokens, then eac
 tokens, crop by crop, each in original order, with no unpadding and no newline tokens (as
 VisionZip's implementation, which the paper follows). The image's placeholder run in the prompt
 (sized by the processor for the packed, unpadded layout) is resized to that count. Sensitivity
-uses the ``lowrank`` estimator by default (rank 128), as the paper does for this model.
+in the paper uses the ``lowrank`` estimator (rank 128): the paper profile asks for it in params.yaml.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ import sys
 import torch
 
 from ..selection import keep_count
-from .common import Units, register_family
-from .llava import LlavaFamily
+from .base import Units, register_adapter
+from .llava import LlavaAdapter
 
 PATCHES_IN_BUDGET = 5
 
 
-@register_family
-class LlavaNextFamily(LlavaFamily):
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
     model_class = "LlavaNextForConditionalGeneration"
     image_keys = ("pixel_values", "image_sizes")
-    method_defaults = {"estimator": "lowrank"}
     per_patch = True
 
     def check_keep(self) -> None:
@@ -59,9 +58,11 @@ class LlavaNextFamily(LlavaFamily):
         per_image = [p * self.keep_per_patch for p in self.patches_per_image(inputs)]
         return [keep_count(k, n) for k, n in zip(per_image, counts)]
 
-    def encode(self, inputs: dict, stage: str) -> Units:
+    def encode(self, inputs: dict, tower_hidden: bool = False) -> Units:
         """One unit per patch, an image's patches consecutive, base patch first."""
-        features, projected, vision = self.tower_outputs(inputs, stage)
+        features, projected, hidden = self.tower_outputs(inputs, tower_hidden)
         patches = self.patches_per_image(inputs)
         image = [i for i, p in enumerate(patches) for _ in range(p)]
-        return Units([self.keep_per_patch] * len(image), image, list(features), list(projected), **vision)
+        budget = self.keep_per_patch if self.keep is not None else features.shape[1]
+        return Units([budget] * len(image), image, list(features), list(projected),
+                     grids=self.unit_grids(len(image), features.shape[1]), tower_hidden=hidden)

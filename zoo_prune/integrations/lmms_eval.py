@@ -45,8 +45,8 @@ from lmms_eval.caching.response_cache import ResponseCache
 from loguru import logger
 from tqdm.auto import tqdm
 
-from .methods import get_method
-from .models import apply_pruning
+from ..methods import get_method
+from ..pruned_model import apply_pruning
 
 MODEL_NAME = "zoo_prune"
 BACKENDS = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_5_vl": "qwen2_5_vl"}

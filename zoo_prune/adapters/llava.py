@@ -9,26 +9,24 @@ VisionZip's LLaVA code do). VisionZip reads the tower's layer -2 (``vision_featu
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import math
 
 from torch import nn
 
-from ..baselines import record_cls_attention
 from ..selection import keep_count
-from .common import Family, Units, record_io, register_family
+from .base import ModelAdapter, Units, record_io, register_adapter
 
 
-@register_family
-class LlavaFamily(Family):
+@register_adapter
+class LlavaAdapter(ModelAdapter):
     model_class = "LlavaForConditionalGeneration"
 
     def check_keep(self) -> None:
         keep_count(self.keep, self.tokens_per_image)
 
-    def check_method(self, method) -> None:
-        super().check_method(method)
+    def check_feature_layer(self, method) -> None:
         layer, strategy = self.model.config.vision_feature_layer, self.model.config.vision_feature_select_strategy
-        if method.stage == "vision" and (not isinstance(layer, int) or strategy != "default"):
+        if not isinstance(layer, int) or strategy != "default":
             raise ValueError(
                 f"{method.name!r} needs one vision feature layer and a CLS token (strategy 'default'); this "
                 f"{type(self.model).__name__} has vision_feature_layer={layer!r}, vision_feature_select_strategy={strategy!r}"
@@ -53,22 +51,29 @@ class LlavaFamily(Family):
         names = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
         return {name: inputs[name] for name in names if inputs.get(name) is not None}
 
-    def encode(self, inputs: dict, stage: str) -> Units:
+    def encode(self, inputs: dict, tower_hidden: bool = False) -> Units:
         """One unit per image."""
-        features, projected, vision = self.tower_outputs(inputs, stage)
-        budgets = [keep_count(self.keep, features.shape[1])] * features.shape[0]
-        return Units(budgets, list(range(features.shape[0])), list(features), list(projected), **vision)
+        features, projected, hidden = self.tower_outputs(inputs, tower_hidden)
+        budgets = [keep_count(self.keep, features.shape[1]) if self.keep is not None else features.shape[1]] * features.shape[0]
+        return Units(budgets, list(range(features.shape[0])), list(features), list(projected),
+                     grids=self.unit_grids(features.shape[0], features.shape[1]), tower_hidden=hidden)
 
-    def tower_outputs(self, inputs: dict, stage: str):
-        """X and Z of every image crop the tower sees, and for VisionZip its layer's state."""
+    def unit_grids(self, units: int, tokens: int) -> list[tuple[int, int]] | None:
+        """The square token grid of each unit (none without one, e.g. the "full" strategy's CLS)."""
+        side = math.isqrt(tokens)
+        return [(side, side)] * units if side * side == tokens else None
+
+    def feature_layer_attention(self, inputs: dict) -> nn.Module:
+        """The attention of the tower layer that outputs ``hidden_states[vision_feature_layer]``."""
         layer = inputs.get("vision_feature_layer", self.model.config.vision_feature_layer)
-        vision = {}
-        if stage == "vision":  # check_method made sure that layer is one int and the tower has a CLS token
-            tower = self.model.model.vision_tower
-            layers = getattr(tower, "vision_model", tower).encoder.layers
-            attention = layers[layer if layer < 0 else layer - 1].self_attn  # the layer that outputs hidden_states[layer]
-        with record_io(self.projector) as io, (record_cls_attention(attention) if stage == "vision" else nullcontext()) as cls:
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        return layers[layer if layer < 0 else layer - 1].self_attn
+
+    def tower_outputs(self, inputs: dict, tower_hidden: bool = False):
+        """X and Z of every image crop the tower sees, and (asked for) its feature layer's output."""
+        layer = inputs.get("vision_feature_layer", self.model.config.vision_feature_layer)
+        with record_io(self.projector) as io:
             outputs = self.model.model.get_image_features(**self.vision_inputs(inputs))
-        if stage == "vision":
-            vision = dict(hidden=list(outputs.hidden_states[layer]), cls_attention=list(cls["cls_attention"]), keys=list(cls["keys"]))
-        return io["input"], io["output"], vision
+        hidden = list(outputs.hidden_states[layer]) if tower_hidden else None
+        return io["input"], io["output"], hidden
