@@ -20,9 +20,9 @@ from lmms_eval.models import get_model
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.tasks import TaskManager, get_task_dict
 
-from zoo_prune import keep_count, tiny
+from zoo_prune import available_methods, keep_count, method_class, tiny
 from zoo_prune.evaluation import PAPER_TASKS, TESTBED_TASKS, LmmsEvalError, run_lmms_eval
-from zoo_prune.lmms_eval_plugin import ZooPrune, backend_class
+from zoo_prune.integrations.lmms_eval import ZooPrune, ZooPruneLlava, backend_class, model_type
 from zoo_prune.testbed.dataset import build_splits
 from zoo_prune.testbed.questions import ANSWERS, FAMILIES
 
@@ -65,9 +65,9 @@ def in_workdir(workdir, monkeypatch):
     return workdir
 
 
-def make_model(workdir, **model_args) -> ZooPrune:
+def make_model(workdir, pretrained=None, **model_args) -> ZooPruneLlava:
     args = {k: v for k, v in {"method": "zoo", "keep": KEEP, "m": 8, "seed": 0, **model_args}.items() if v is not None}
-    return ZooPrune(pretrained=str(workdir / "tiny-llava"), device="cpu", **args)
+    return ZooPruneLlava(pretrained=str(pretrained or workdir / "tiny-llava"), device="cpu", **args)
 
 
 def record_image_tokens(model) -> list[int]:
@@ -110,8 +110,9 @@ def test_task_yamls_load_and_score(in_workdir):
 
 
 def test_registered_model_answers_with_k_visual_tokens(in_workdir):
-    assert get_model("zoo_prune") is ZooPrune
-    model = make_model(in_workdir)
+    assert get_model("zoo_prune") is ZooPrune and get_model("zoo_prune_llava") is ZooPruneLlava
+    model = ZooPrune.create_from_arg_string(f"pretrained={in_workdir / 'tiny-llava'},method=zoo,keep={KEEP},m=8", {"device": "cpu"})
+    assert type(model) is ZooPruneLlava  # a static class, picked by the checkpoint's model_type
     assert isinstance(model, LlavaHf) and isinstance(model, lmms) and not model.is_simple
     image_tokens = record_image_tokens(model)
     results = evaluate(model, limit=1)
@@ -128,7 +129,9 @@ def test_unpruned_and_bad_model_args(workdir):
     with pytest.raises(ValueError, match="typo"):
         make_model(workdir, method="none", m=None, seed=None, typo=1)
     with pytest.raises(FileNotFoundError, match="no/such/model"):
-        ZooPrune(pretrained="./no/such/model", device="cpu")
+        ZooPrune.create_from_arg_string("pretrained=./no/such/model", {"device": "cpu"})
+    with pytest.raises(TypeError, match="entry point"):
+        ZooPrune(pretrained=str(workdir / "tiny-llava"))
 
 
 def test_qwen_backend_needs_qwen_vl_utils():
@@ -237,16 +240,59 @@ def test_qwen_backend_prunes(in_workdir, monkeypatch):
     monkeypatch.setattr(chat, "process_vision_info", process_vision_info)
     monkeypatch.setattr(simple, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *a, **k: processor))
     monkeypatch.setattr(simple, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: processor.tokenizer))
-    backend_class.cache_clear()
-    try:
-        qwen = ZooPrune(pretrained=str(in_workdir / "tiny-qwen"), device="cpu", method="zoo", keep=0.5, m=8)
-        assert isinstance(qwen, chat.Qwen2_5_VL)
-        image_tokens = record_image_tokens(qwen)
-        results = evaluate(qwen, limit=1)
-    finally:
-        backend_class.cache_clear()
+    qwen = backend_class(model_type(str(in_workdir / "tiny-qwen")))(
+        pretrained=str(in_workdir / "tiny-qwen"), device="cpu", method="zoo", keep=0.5, m=8)
+    assert isinstance(qwen, chat.Qwen2_5_VL)
+    image_tokens = record_image_tokens(qwen)
+    results = evaluate(qwen, limit=1)
     assert set(TASKS) <= set(results["results"])
     [kept] = qwen.pruning.kept_indices
     grid = processor.image_processor(images=[Image.new("RGB", (96, 96))], return_tensors="pt")["image_grid_thw"]
     tokens = int(grid.prod()) // 4  # a 96 x 96 testbed image's merged tokens (2 x 2 merge)
     assert [n for n in image_tokens if n] == [keep_count(0.5, tokens)] * len(TASKS) == [kept.numel()] * len(TASKS)
+
+
+COMMITTED_MODEL = Path(__file__).resolve().parents[1] / "models" / "testbed-llava"
+
+
+@pytest.mark.parametrize("method", ["none", *available_methods()])
+def test_batched_answers_equal_batch_of_one(in_workdir, method):
+    """The committed testbed model answers 4 questions per task in batches of 3 (left-padded, one
+    generate call each) exactly as one at a time, for every registered method."""
+    if method == "none":
+        options = {"method": "none", "m": None, "seed": None}
+    else:
+        options = {"method": method, "m": None, "seed": None, **{k: v for k, v in {"m": 8, "seed": 0}.items()
+                                                                   if k in method_class(method).options()}}
+    one = make_model(in_workdir, pretrained=COMMITTED_MODEL, **options)
+    batched = make_model(in_workdir, pretrained=COMMITTED_MODEL, batch_size=3, **options)
+    calls = []
+    generate = batched.model.generate
+    batched.model.generate = lambda *a, **k: calls.append(k["input_ids"].shape[0]) or generate(*a, **k)
+    single, several = evaluate(one, limit=4), evaluate(batched, limit=4)
+    assert 3 in calls  # really batched
+    for task in TASKS:
+        assert [s["resps"] for s in several["samples"][task]] == [s["resps"] for s in single["samples"][task]]
+
+
+def test_a_failing_document_is_scored_empty_and_the_run_goes_on(in_workdir):
+    model = make_model(in_workdir, batch_size=2)
+    generate = model.model.generate
+    failing = {"rows": 0}
+
+    def fail_on_one(*args, **kwargs):  # the 3rd single-row call fails: one document of a retried batch
+        if kwargs["input_ids"].shape[0] == 1:
+            failing["rows"] += 1
+            if failing["rows"] == 1:
+                raise RuntimeError("corrupt image")
+        elif failing["rows"] == 0:
+            raise RuntimeError("a batch holding the corrupt image")
+        return generate(*args, **kwargs)
+
+    model.model.generate = fail_on_one
+    results = evaluate(model, limit=2)
+    assert set(TASKS) <= set(results["results"])
+    [failure] = model.failures
+    assert "corrupt image" in failure["error"]
+    answers = [s["resps"] for task in TASKS for s in results["samples"][task]]
+    assert sum(a == [[""]] or a == [""] for a in answers) >= 1 and len(answers) == 10
