@@ -21,24 +21,47 @@ from analysis import stats
 from ._common import StageError, need, parser, stage, write_json
 
 UNPRUNED = stats.UNPRUNED
-ZOO_FAMILY = ("zoo", "sum_fusion", "sensitivity_only")
 
 
 def method_options(method: str, params: dict) -> dict:
-    """The method's options from its params section (``zoo`` for the ZOO family, ``baselines`` for random)."""
-    if method in ZOO_FAMILY:
-        return {k: params["zoo"][k] for k in ("m", "h", "estimator", "seed")}
-    if method == "random":
-        return {"seed": params["baselines"]["seed"]}
-    return {}
+    """The method's options from the params section its registry entry names (``params_section``)."""
+    from zoo_prune import method_class
+
+    if method == UNPRUNED:
+        return {}
+    cls = method_class(method)
+    if cls.params_section is None:
+        return {}
+    return {k: v for k, v in params[cls.params_section].items() if k in cls.options()}
 
 
 def sections_for(method: str) -> list[str]:
-    return ["evaluate", "budgets", "paper"] + (["zoo"] if method in ZOO_FAMILY else ["baselines"] if method == "random" else [])
+    from zoo_prune import method_class
+
+    section = None if method == UNPRUNED else method_class(method).params_section
+    return ["evaluate", "budgets", "paper"] + ([section] if section else [])
+
+
+def supports(pretrained: str, method: str) -> bool:
+    """Whether the checkpoint's family runs ``method``'s kind (its adapter's ``supports``); True when its
+    config is not on this machine (the run itself then names the problem)."""
+    from transformers import AutoConfig
+
+    from zoo_prune import method_class
+    from zoo_prune.adapters import adapter_class
+
+    try:
+        config = AutoConfig.from_pretrained(pretrained, local_files_only=True)
+    except (OSError, ValueError):
+        return True
+    adapter = adapter_class(config.architectures[0] if config.architectures else "")
+    return adapter is None or method_class(method).kind in adapter.supports
 
 
 def runs(method: str, keep: int | None, params: dict, profile: str, model: str, out) -> list[dict]:
     """The lmms-eval runs (model args, tasks, output folder, launcher) of one pipeline run."""
+    from zoo_prune import method_class
+
     evaluate = params["evaluate"]
     base = {"method": "none"} if method == UNPRUNED else {"method": method, "keep": keep, **method_options(method, params)}
     if profile == "testbed":
@@ -50,10 +73,10 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
     for name, spec in paper["models"].items():
         args = dict(base)
         if level is not None:
-            if level >= len(spec["budgets"]) or (method == "visionzip" and "qwen" in spec["pretrained"].lower()):
-                continue  # Qwen2.5-VL: two budgets, no VisionZip (method.md section 3-4)
+            if level >= len(spec["budgets"]) or not supports(spec["pretrained"], method):
+                continue  # Qwen2.5-VL: two budgets, no vision-stage method (method.md section 3-4)
             args["keep"] = spec["budgets"][level]
-            if "estimator" in spec and method in ZOO_FAMILY:
+            if "estimator" in spec and "estimator" in method_class(method).options():  # the paper's LLaVA-NeXT: lowrank
                 args["estimator"] = spec["estimator"]
         found.append({"model_args": {"pretrained": spec["pretrained"], **args}, "tasks": paper["tasks"],
                       "output_dir": f"{out}/{name}", "limit": None, "device": paper["device"],

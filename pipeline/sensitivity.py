@@ -22,13 +22,12 @@ from ._common import load_model, load_rows, need, parser, stage, weights_note, w
 @torch.no_grad()
 def projector_io(model, processor, image, question: str) -> tuple[dict, torch.Tensor]:
     """(processor inputs, X): what the model feeds its projector for one image (one forward of its vision side)."""
-    from zoo_prune.adapters import record_io
+    from zoo_prune import adapter_for
     from zoo_prune.tiny import chat_prompt
 
     inputs = processor(images=image, text=chat_prompt(processor, question), return_tensors="pt")
-    with record_io(model.model.multi_modal_projector) as io:
-        model.model.get_image_features(pixel_values=inputs["pixel_values"])
-    return inputs, io["input"][0].float()
+    features, _ = adapter_for(model).features(inputs)
+    return inputs, features[0].float()
 
 
 @torch.no_grad()
@@ -47,7 +46,7 @@ def main(argv=None) -> None:
     p = parser(__doc__, "sensitivity")
     args = p.parse_args(argv)
     with stage("sensitivity", args, ["zoo", "budgets", "sensitivity"], ["out", "metrics", "figures"]) as s:
-        from zoo_prune import ESTIMATORS, zo_sensitivity
+        from zoo_prune import ESTIMATORS, adapter_for, zo_sensitivity
         from zoo_prune.demo import token_views
 
         cfg, zoo, budgets = s.params["sensitivity"], s.params["zoo"], s.params["budgets"]
@@ -57,7 +56,7 @@ def main(argv=None) -> None:
         reference = need(cfg, "sensitivity", "reference", str, estimators)
         model, processor = load_model(args.model)
         rows = load_rows(args.data, need(cfg, "sensitivity", "task", str), need(cfg, "sensitivity", "samples", int))
-        projector = model.model.multi_modal_projector
+        projector = adapter_for(model).projector
         scores = {name: [] for name in estimators}
         seconds = {name: 0.0 for name in estimators}
         samples = []

@@ -54,3 +54,19 @@ def test_highlight_dims_pruned_patches_only():
 def test_keep_is_a_count_or_a_ratio():
     assert parse_keep("64") == 64 and isinstance(parse_keep("64"), int)
     assert parse_keep("0.2") == 0.2
+
+
+def test_an_unsupported_method_is_refused_before_any_method_runs(tmp_path, capsys, monkeypatch):
+    """``--method zoo --method visionzip`` on Qwen2.5-VL (no vision-stage methods there): an error
+    naming both, before the first method generates anything, and no picture."""
+    image = tmp_path / "image.png"
+    tiny_image(3, (48, 64)).save(image)
+    ran = []
+    monkeypatch.setattr("zoo_prune.demo.answer", lambda *args, **kwargs: ran.append(1) or "")
+    out = tmp_path / "demo.png"
+    with pytest.raises(SystemExit) as exited:
+        main(["--tiny", "qwen2_5_vl", "--image", str(image), "--question", "q", "--keep", "0.25", "--out", str(out),
+              "--method", "zoo", "--method", "visionzip"])
+    assert exited.value.code == 2 and not ran and not out.exists()
+    message = capsys.readouterr().err
+    assert "'visionzip'" in message and "Qwen2_5_VLForConditionalGeneration" in message

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import torch
 
+from .adapters import adapter_for
+from .methods import get_method
 from .pruned_model import apply_pruning
 
 DIM = 0.25  # brightness of a pruned token's patch
@@ -140,12 +142,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
+    methods = args.method or ["zoo"]
     model, processor = load(args)
+    try:  # every method checked against this model before any runs
+        adapter = adapter_for(model, args.keep)
+        for method in methods:
+            adapter.check(get_method(method))
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     image = Image.open(args.image).convert("RGB")
     inputs = prompt_inputs(model, processor, image, args.question)
     print(f"unpruned: {answer(model, processor, inputs, args.max_new_tokens)}")
     panels = []
-    for method in args.method or ["zoo"]:
+    for method in methods:
         with apply_pruning(model, method, keep=args.keep) as handle:
             text = answer(model, processor, inputs, args.max_new_tokens)
             kept = handle.kept_indices[0]

@@ -40,6 +40,11 @@ def supported_models() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def adapter_class(model_class: str) -> type["ModelAdapter"] | None:
+    """The adapter registered for a model class name (e.g. a config's ``architectures[0]``), or None."""
+    return _ADAPTERS.get(model_class)
+
+
 def adapter_for(model: nn.Module, keep: int | float | None = None) -> "ModelAdapter":
     """The adapter of ``model``'s family; ``keep`` (tokens or a ratio) sets the budgets of ``encode``."""
     for cls in type(model).__mro__:

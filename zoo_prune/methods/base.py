@@ -73,7 +73,7 @@ def get_method(name: str, **options) -> "PruningMethod":
     cls = method_class(name)
     unknown = sorted(set(options) - set(cls.options()))
     if unknown:
-        allowed = ", ".join(cls.options()) or "none"
+        allowed = ", ".join(sorted(cls.options())) or "none"
         raise TypeError(f"pruning method {name!r} has no option {', '.join(map(repr, unknown))}; its options: {allowed}")
     return cls(**options)
 
