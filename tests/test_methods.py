@@ -50,3 +50,40 @@ def test_register_a_new_method():
     assert get_method("first_k_test").select(None, torch.zeros(5, 2), 3, projector=None).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="'first_k_test' is already registered"):
         register_method("first_k_test")(FirstK)
+
+
+def test_pooling_grid_sizes_for_the_papers_and_the_testbeds_budgets():
+    from zoo_prune.methods.pooling import pooled_grid
+
+    assert [pooled_grid(24, 24, k) for k in (192, 128, 64)] == [(12, 16), (8, 16), (8, 8)]
+    assert [pooled_grid(12, 12, k) for k in (48, 32, 16)] == [(6, 8), (4, 8), (4, 4)]
+    assert pooled_grid(3, 7, 100) == (3, 7)  # never more cells than tokens
+    assert pooled_grid(10, 10, 7) == (1, 7)  # 7 is prime: the most cells below the budget
+
+
+def test_pooling_averages_each_cell_of_the_grid_hand_worked():
+    z = torch.arange(16.0).view(1, 16, 1)  # a 4 x 4 grid, token i holds the value i
+    tokens, index = get_method("pooling").reduce(None, z, 4, grid=(4, 4))
+    assert tokens.flatten().tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of 0,1,4,5 / 2,3,6,7 / 8,9,12,13 / 10,11,14,15
+    assert index.tolist() == [[0, 2, 8, 10]]  # each cell's centre (upper-left of the middle)
+    z = torch.arange(9.0).view(1, 9, 1)  # 3 x 3 to 2 x 2: overlapping cells (rows 0-1 and 1-2)
+    tokens, _ = get_method("pooling").reduce(None, z, 4, grid=(3, 3))
+    assert tokens.flatten().tolist() == [2.0, 3.0, 5.0, 6.0]
+    z2 = torch.randn(2, 16, 5)  # a batch pools each unit alone
+    batched, _ = get_method("pooling").reduce(None, z2, 4, grid=(4, 4))
+    for b in range(2):
+        torch.testing.assert_close(batched[b], get_method("pooling").reduce(None, z2[b : b + 1], 4, grid=(4, 4))[0][0])
+    with pytest.raises(ValueError, match=r"grid \(3, 3\) does not hold 16"):
+        get_method("pooling").reduce(None, torch.zeros(1, 16, 2), 4, grid=(3, 3))
+
+
+def test_registry_metadata_drives_the_stages():
+    from zoo_prune import method_class
+
+    assert method_class("zoo").params_section == "zoo" and method_class("random").params_section == "baselines"
+    assert method_class("divprune").params_section is None
+    assert {n for n in available_methods() if method_class(n).stochastic()} >= {"zoo", "random"}
+    assert set(available_methods(kind="llm")) >= {"fastv"} and set(available_methods(kind="vision")) == {"visionzip"}
+    assert set(available_methods(kind="projector")) >= {"zoo", "sum_fusion", "sensitivity_only", "divprune", "random", "pooling"}
+    with pytest.raises(ValueError, match="'nope'"):
+        available_methods(kind="nope")

@@ -53,8 +53,9 @@ def answer(model, processor, inputs, max_new_tokens: int) -> str:
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
 
 
-def token_views(model, processor, image, inputs, kept) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(title, RGB image in [0, 1], kept-token mask over its token grid or None) of what the model saw."""
+def token_views(model, processor, image, inputs, kept, kind: str = "projector") -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(title, RGB image in [0, 1], kept-token mask over its token grid or None) of what the model saw;
+    ``kind`` is the method's (LLM-stage indices are placeholder columns: LLaVA-NeXT's are not drawn)."""
     name = type(model).__name__
     if name.startswith("Qwen2_5_VL"):
         _, grid_h, grid_w = inputs["image_grid_thw"][0].tolist()
@@ -72,11 +73,18 @@ def token_views(model, processor, image, inputs, kept) -> list[tuple[str, np.nda
     )
     crops = pixels[1 : 1 + rows * cols]
     mosaic = crops.view(rows, cols, *crops.shape[1:]).permute(0, 3, 1, 4, 2).reshape(rows * crops.shape[2], cols * crops.shape[3], 3)
-    if kept is None or kept.dim() != 2:  # FastV's indices are in the packed (unpadded) layout: not drawn
-        return [("base patch", pixels[0].permute(1, 2, 0).numpy(), None), ("crops", mosaic.numpy(), None)]
-    crop_masks = [_mask(k, side, side) for k in kept[1 : 1 + rows * cols]]
-    mosaic_mask = np.block([crop_masks[r * cols : (r + 1) * cols] for r in range(rows)])
-    return [("base patch", pixels[0].permute(1, 2, 0).numpy(), _mask(kept[0], side, side)), ("crops", mosaic.numpy(), mosaic_mask)]
+    base = pixels[0].permute(1, 2, 0).numpy()
+    if kept is None or kept.dim() != 1 or kind == "llm":  # LLM-stage indices: placeholder columns, not drawn
+        return [("base patch", base, None), ("crops", mosaic.numpy(), None)]
+    # kept: positions in the model's packed layout; map each to its patch and token (adapters.llava_next)
+    layout = adapter_for(model).packed_layout(inputs, [1 + rows * cols])[0]
+    source = layout[kept.cpu()]
+    base_mask = _mask(source[source < side * side], side, side)
+    crop = source[source >= side * side] - side * side
+    patch, token = crop // (side * side), crop % (side * side)
+    mosaic_mask = np.zeros((rows * side, cols * side), dtype=bool)
+    mosaic_mask[((patch // cols) * side + token // side).numpy(), ((patch % cols) * side + token % side).numpy()] = True
+    return [("base patch", base, base_mask), ("crops", mosaic.numpy(), mosaic_mask)]
 
 
 def _denormalize(processor, pixels: torch.Tensor) -> torch.Tensor:
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             text = answer(model, processor, inputs, args.max_new_tokens)
             kept = handle.kept_indices[0]
         print(f"{method}: {text}")
-        panels.append((method, text, token_views(model, processor, image, inputs, kept)))
+        panels.append((method, text, token_views(model, processor, image, inputs, kept, get_method(method).kind)))
     caption = (f"RANDOM-WEIGHT tiny {args.tiny} model: answers and kept tokens are not meaningful"
                if args.tiny else f"{args.model}, keep={args.keep}")
     draw(panels, args.out, caption)

@@ -68,6 +68,13 @@ class Units:
     projected: list[Tensor]
     grids: list[tuple[int, int]] | None = None
     tower_hidden: list[Tensor] | None = None
+    positions: list[Tensor] | None = None  # per unit: where its tokens sit in the image's packed layout
+
+    def per_image(self, values: list, how: str = "cat") -> list:
+        """Per-unit values grouped by image: ``cat``enated, ``stack``ed, or the ``first`` unit's."""
+        groups = [[i for i, image in enumerate(self.image) if image == j] for j in range(self.image[-1] + 1)]
+        combine = {"cat": torch.cat, "stack": torch.stack, "first": lambda parts: parts[0]}[how]
+        return [combine([values[i] for i in group]) for group in groups]
 
     def groups(self) -> dict[tuple[int, int], list[int]]:
         """Units by (N, k): each group is one batched selection, equal to per-unit selections."""
@@ -139,6 +146,12 @@ class ModelAdapter:
         images = range(units.image[-1] + 1)
         pick = lambda values, j: torch.cat([v for v, i in zip(values, units.image) if i == j])  # noqa: E731
         return [pick(units.features, j) for j in images], [pick(units.projected, j) for j in images]
+
+    def assemble(self, inputs: dict, units: Units, tokens: list[Tensor], kept: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per image: the features its placeholders receive and its kept indices, from each unit's kept
+        ``tokens`` and ``kept`` indices. By default units are concatenated in order (one unit per
+        image, or per patch: kept indices then a (patches, k) tensor)."""
+        return units.per_image(tokens), units.per_image(kept, "stack" if self.per_patch else "first")
 
     def image_budgets(self, inputs: dict, counts: list[int]) -> list[int]:
         """Visual tokens each image keeps when the image is one unit (and for LLM-stage methods)."""

@@ -135,14 +135,6 @@ class Attachment:
         pass
 
 
-def _per_image(units: "Units", values: list, stacked: bool):
-    """Per-unit values grouped by image: concatenated features, or (per-patch families) stacked indices."""
-    groups = [[i for i, image in enumerate(units.image) if image == j] for j in range(units.image[-1] + 1)]
-    if stacked is None:
-        return [torch.cat([values[i] for i in group]) for group in groups]
-    return [torch.stack([values[i] for i in group]) if stacked else values[group[0]] for group in groups]
-
-
 def _run_groups(units: "Units", run) -> tuple[list, list]:
     """``run(rows, k)`` once per group of units of equal size and budget (one batched call each);
     per-unit results back in unit order."""
@@ -194,8 +186,8 @@ class ProjectorAttachment(Attachment):
                                      projector=adapter.sensitivity_projector, grid=grid)
 
             features, indices = _run_groups(units, run)
-        self.kept_indices = _per_image(units, indices, adapter.per_patch)
-        return _per_image(units, features, None)
+        features, self.kept_indices = adapter.assemble(inputs, units, features, indices)
+        return features
 
 
 # ------------------------------------------------------------------ vision stage
@@ -232,8 +224,8 @@ class VisionAttachment(Attachment):
                 return adapter.projector(tokens), indices
 
             features, indices = _run_groups(units, run)
-        self.kept_indices = _per_image(units, indices, adapter.per_patch)
-        return _per_image(units, features, None)
+        features, self.kept_indices = adapter.assemble(inputs, units, features, indices)
+        return features
 
 
 # ------------------------------------------------------------------ LLM stage

@@ -24,7 +24,7 @@ def pooled_grid(height: int, width: int, k: int) -> tuple[int, int]:
         columns = min(width, k // rows)
         if columns < 1:
             break
-        key = (-rows * columns, abs(math.log((rows / columns) / (height / width))), rows)
+        key = (-rows * columns, round(abs(math.log((rows / columns) / (height / width))), 9), rows)
         best = min(best or key, key)
     return best[2], -best[0] // best[2]
 
