@@ -66,7 +66,8 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
     base = {"method": "none"} if method == UNPRUNED else {"method": method, "keep": keep, **method_options(method, params)}
     if profile == "testbed":
         return [{"model_args": {"pretrained": model, "device_map": "cpu", **base}, "tasks": need(evaluate, "evaluate", "tasks", list),
-                 "output_dir": f"{out}/lmms_eval", "limit": evaluate.get("limit"), "device": "cpu"}]
+                 "output_dir": f"{out}/lmms_eval", "limit": evaluate.get("limit"), "device": "cpu",
+                 "batch_size": evaluate.get("batch_size", 1)}]
     paper = params["paper"]
     level = None if method == UNPRUNED else params["budgets"].index(keep)
     found = []
@@ -80,7 +81,8 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
                 args["estimator"] = spec["estimator"]
         found.append({"model_args": {"pretrained": spec["pretrained"], **args}, "tasks": paper["tasks"],
                       "output_dir": f"{out}/{name}", "limit": None, "device": paper["device"],
-                      "num_processes": paper.get("num_processes", 1), "include_path": None})
+                      "num_processes": paper.get("num_processes", 1), "include_path": None,
+                      "batch_size": paper.get("batch_size", 1)})
     return found
 
 

@@ -15,12 +15,12 @@ from ._common import need, parser, stage, weights_note, write_json
 FIXED = {"h": "m", "m": "h"}  # the zoo parameter held at its params value while the other varies
 
 
-def score(model: str, task: str, limit, output_dir, **options) -> float:
+def score(model: str, task: str, limit, output_dir, batch_size: int = 1, **options) -> float:
     """The task's primary score of ZOO-Prune with ``options`` (one lmms-eval run)."""
     from zoo_prune.evaluation import run_lmms_eval
 
     results = run_lmms_eval({"pretrained": model, "device_map": "cpu", "method": "zoo", **options}, [task],
-                            str(output_dir), limit=limit, device="cpu")
+                            str(output_dir), limit=limit, device="cpu", batch_size=batch_size)
     return stats.task_scores(results)[task]
 
 
@@ -39,7 +39,8 @@ def main(argv=None) -> None:
         cfg, zoo = s.params["sweep"], s.params["zoo"]
         task, keep, limit = need(cfg, "sweep", "task", str), need(cfg, "sweep", "keep", int), cfg.get("limit")
         grid = need(cfg, "sweep", args.over, list)
-        fixed = {FIXED[args.over]: zoo[FIXED[args.over]], "seed": zoo["seed"], "estimator": zoo["estimator"], "keep": keep}
+        fixed = {FIXED[args.over]: zoo[FIXED[args.over]], "seed": zoo["seed"], "estimator": zoo["estimator"], "keep": keep,
+                 "batch_size": cfg.get("batch_size", 1)}
         out = s.out["out"]
         rows = [{args.over: value, "score": score(args.model, task, limit, out / f"{args.over}={value}",
                                                   **fixed, **{args.over: value})} for value in grid]
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
         reference = None
         if args.over == "m":  # h -> 0, m -> infinity: the deterministic closed form
             reference = score(args.model, task, limit, out / "closed_form", keep=keep, seed=zoo["seed"],
-                              estimator="closed_form")
+                              estimator="closed_form", batch_size=cfg.get("batch_size", 1))
         data.to_csv(out / "sweep.csv", index=False)
         metric = "F1" if "existence" in task else "accuracy"
         figure = figures.save(figures.sweep(data, args.over, f"{task} {metric} at {keep} tokens", reference,

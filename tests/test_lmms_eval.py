@@ -214,10 +214,12 @@ def test_dry_run_prints_the_exact_command(capsys):
         "--model zoo_prune --model_args pretrained=llava-hf/llava-1.5-7b-hf,method=zoo,keep=64,m=64,h=0.01,"
         "resume_cache=outputs/lmms_cache --tasks " + ",".join(PAPER_TASKS) +
         " --batch_size 1 --output_path outputs/paper --log_samples --device cuda")
-    several = run_lmms_eval(args, ["pope"], "out", dry_run=True, num_processes=8)["command"]
+    several = run_lmms_eval(args, ["pope"], "out", dry_run=True, num_processes=8, include_path=None)["command"]
     assert several[1:5] == ["launch", "--num_processes=8", "-m", "lmms_eval"]
     with pytest.raises(ValueError, match="keep"):
         run_lmms_eval({**args, "keep": "6,4"}, ["pope"], "out", dry_run=True)
+    local = run_lmms_eval(args, ["testbed"], "out", dry_run=True, batch_size=16)["command"]  # the testbed's own tasks
+    assert local[1:3] == ["-m", "zoo_prune.integrations.lmms_eval_cli"] and local[local.index("--batch_size") + 1] == "16"
 
 
 def test_qwen_backend_prunes(in_workdir, monkeypatch):

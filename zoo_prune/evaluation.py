@@ -57,8 +57,10 @@ def format_model_args(model_args: dict) -> str:
 
 def lmms_eval_command(model_args: dict, tasks: list[str], output_dir, *, limit: int | float | None = None,
                       include_path=TESTBED_TASKS, use_cache: bool | str | os.PathLike = True,
-                      num_processes: int = 1, device: str | None = None) -> list[str]:
+                      num_processes: int = 1, device: str | None = None, batch_size: int = 1) -> list[str]:
     """The exact lmms-eval command line (a list of arguments) that :func:`run_lmms_eval` runs."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
     if not isinstance(num_processes, int) or num_processes < 1:
@@ -66,13 +68,15 @@ def lmms_eval_command(model_args: dict, tasks: list[str], output_dir, *, limit: 
     model_args = dict(model_args)
     if use_cache:
         model_args["resume_cache"] = str(DEFAULT_CACHE if use_cache is True else use_cache)
+    # with an include_path, only its tasks are indexed (lmms_eval_cli); else lmms-eval's CLI as it is
+    module = "lmms_eval" if include_path is None else "zoo_prune.integrations.lmms_eval_cli"
     if num_processes == 1:
-        launcher = [sys.executable, "-m", "lmms_eval"]
+        launcher = [sys.executable, "-m", module]
     else:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        launcher = [accelerate, "launch", f"--num_processes={num_processes}", "-m", "lmms_eval"]
+        launcher = [accelerate, "launch", f"--num_processes={num_processes}", "-m", module]
     command = launcher + ["--model", "zoo_prune", "--model_args", format_model_args(model_args),
-                          "--tasks", ",".join(tasks), "--batch_size", "1",
+                          "--tasks", ",".join(tasks), "--batch_size", str(batch_size),
                           "--output_path", str(output_dir), "--log_samples"]
     if include_path is not None:
         command += ["--include_path", str(include_path)]
@@ -91,7 +95,7 @@ def find_results(output_dir, since: float = 0.0) -> Path | None:
 
 def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | float | None = None,
                   include_path=TESTBED_TASKS, use_cache: bool | str | os.PathLike = True, dry_run: bool = False,
-                  num_processes: int = 1, device: str | None = None, cwd=None) -> dict:
+                  num_processes: int = 1, device: str | None = None, cwd=None, batch_size: int = 1) -> dict:
     """Run lmms-eval on ``tasks`` with ``zoo_prune`` and ``model_args``; return its results JSON.
 
     Args:
@@ -105,10 +109,12 @@ def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | f
         dry_run: print and return ``{"command": [...]}`` without running anything.
         num_processes: GPUs (``accelerate launch`` data parallelism when > 1).
         device: lmms-eval's ``--device`` (``cpu``, ``cuda``); its default when None.
+        batch_size: documents per ``generate`` call (``zoo_prune``'s LLaVA backend batches; answers
+            equal batch size 1's).
         cwd: working directory of the run (the testbed YAMLs read ``data/testbed`` relative to it).
     """
     command = lmms_eval_command(model_args, tasks, output_dir, limit=limit, include_path=include_path,
-                                use_cache=use_cache, num_processes=num_processes, device=device)
+                                use_cache=use_cache, num_processes=num_processes, device=device, batch_size=batch_size)
     printable = shlex.join(command)
     if dry_run:
         print(printable, flush=True)
