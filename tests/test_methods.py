@@ -87,3 +87,14 @@ def test_registry_metadata_drives_the_stages():
     assert set(available_methods(kind="projector")) >= {"zoo", "sum_fusion", "sensitivity_only", "divprune", "random", "pooling"}
     with pytest.raises(ValueError, match="'nope'"):
         available_methods(kind="nope")
+
+
+def test_zo_sensitivity_and_the_methods_share_one_auto_estimator():
+    """``estimator="auto"`` is resolved in one place: ``fused`` on an MLP (same values as ``naive``), ``naive`` elsewhere."""
+    from zoo_prune.sensitivity import resolve_estimator
+
+    projector, features = make_mlp(dtype=torch.float32), make_features(dtype=torch.float32)
+    assert resolve_estimator(projector) == get_method("zoo").resolve_estimator(projector) == "fused"
+    torch.testing.assert_close(zo_sensitivity(projector, features, m=8, seed=1),
+                               zo_sensitivity(projector, features, m=8, seed=1, estimator="naive"), rtol=1e-4, atol=1e-6)
+    assert resolve_estimator(GroupedProjector(NormMerger(), group=4)) == "naive"

@@ -9,9 +9,8 @@ from typing import ClassVar
 from torch import nn
 
 from .._checks import check_choice, check_int, check_positive_float
-from ..projector import mlp_parts
 from ..selection import select_tokens
-from ..sensitivity import DEFAULT_H, DEFAULT_M, DEFAULT_RANK, ESTIMATORS, zo_sensitivity
+from ..sensitivity import DEFAULT_H, DEFAULT_M, DEFAULT_RANK, ESTIMATORS, resolve_estimator, zo_sensitivity
 from .base import ProjectorMethod, register_method
 
 
@@ -20,8 +19,8 @@ from .base import ProjectorMethod, register_method
 class ZOOPrune(ProjectorMethod):
     """ZOO-Prune (Algorithm 1): zeroth-order sensitivity at the projector times diversity (Eq. 5).
 
-    ``estimator="auto"`` uses ``fused`` (exact, same values as ``naive``) when the projector is
-    Linear-act-Linear and ``naive`` otherwise; the paper's LLaVA-NeXT setting ``lowrank`` (rank 128)
+    ``estimator="auto"`` (:func:`~zoo_prune.sensitivity.resolve_estimator`) uses ``fused`` (exact, same
+    values as ``naive``) when the projector is Linear-act-Linear and ``naive`` otherwise; the paper's LLaVA-NeXT setting ``lowrank`` (rank 128)
     is asked for explicitly (params.yaml ``paper.models.llava-next-7b.estimator``). ``seed`` fixes
     the directions (None: torch's global generator).
     """
@@ -43,20 +42,10 @@ class ZOOPrune(ProjectorMethod):
             check_int("seed", self.seed, minimum=0)
 
     def resolve_estimator(self, projector: nn.Module) -> str:
-        if self.estimator != "auto":
-            return self.estimator
-        try:
-            parameter = next(projector.parameters())
-            mlp_parts(projector, "fused", parameter.dtype, parameter.device)
-        except (TypeError, StopIteration):
-            return "naive"
-        return "fused"
+        return resolve_estimator(projector, self.estimator)
 
     def sensitivity(self, features, projector: nn.Module):
-        return zo_sensitivity(
-            projector, features, m=self.m, h=self.h, seed=self.seed,
-            estimator=self.resolve_estimator(projector), rank=self.rank,
-        )
+        return zo_sensitivity(projector, features, m=self.m, h=self.h, seed=self.seed, estimator=self.estimator, rank=self.rank)
 
     def select(self, features, projected, k, *, projector):
         return select_tokens(projected, k, sensitivity=self.sensitivity(features, projector), fusion=self.fusion)
