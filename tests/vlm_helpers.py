@@ -131,3 +131,46 @@ def assert_generate_spliced(model, inputs, output, **manual):
     assert torch.equal(output.sequences[:, inputs["input_ids"].shape[1] :], reference.sequences)
     for got, want in zip(output.logits, reference.logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def alone(inputs, i):
+    """Prompt i of a batch (one image per prompt) with its own image inputs, padding removed."""
+    single = row(inputs, i)
+    if "image_grid_thw" in inputs:
+        grids = inputs["image_grid_thw"]
+        single["pixel_values"] = inputs["pixel_values"].split(grids.prod(dim=-1).tolist())[i]
+        single["image_grid_thw"] = grids[i : i + 1]
+    else:
+        single["pixel_values"] = inputs["pixel_values"][i : i + 1]
+        if "image_sizes" in inputs:
+            single["image_sizes"] = inputs["image_sizes"][i : i + 1]
+    return single
+
+
+def attention_implementations(model):
+    """The attention implementation of the model's config and of its language model's."""
+    return model.config._attn_implementation, model.model.language_model.config._attn_implementation
+
+
+def assert_batch_generates_like_each_prompt_alone(model, inputs, method, keep, n=3, **options):
+    """Greedy generation of the batch under ``method`` = that of each prompt alone (tokens, step
+    logits, kept indices and per-layer counts), and the attention implementation never changes.
+    Returns the kept indices of the batch."""
+    before = attention_implementations(model)
+    with apply_pruning(model, method, keep=keep, **options) as handle:
+        assert attention_implementations(model) == before
+        batched = greedy_scored(model, inputs, n)
+        kept = [k.clone() for k in handle.kept_indices]
+        hooks = getattr(handle.attachment, "hooks", None)  # an LLM-stage method's
+        counts = hooks.tokens_per_layer if hooks is not None else None
+        for i in range(len(kept)):
+            single = greedy_scored(model, alone(inputs, i), n)
+            assert torch.equal(handle.kept_indices[0], kept[i])
+            if counts is not None:
+                assert hooks.tokens_per_layer[0] == counts[i]
+            assert torch.equal(single.sequences[0, -n:], batched.sequences[i, -n:])
+            for got, want in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(got[i], want[0], rtol=1e-4, atol=1e-5)
+        assert attention_implementations(model) == before
+    assert attention_implementations(model) == before
+    return kept
