@@ -6,7 +6,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from vlm_helpers import llm_inputs, logits, one_thread, prompts, row, unpadded  # noqa: F401  (one_thread is a fixture)
+from vlm_helpers import (  # noqa: F401  (one_thread is a fixture)
+    alone, assert_batch_generates_like_each_prompt_alone, attention_implementations, llm_inputs, logits, one_thread, prompts, row, unpadded,
+)
 from zoo_prune import apply_pruning, get_method
 from zoo_prune.baselines import visionzip_tokens
 
@@ -147,11 +149,33 @@ def test_fastv_generation_keeps_short_caches_from_layer_k_and_batches_like_singl
                 torch.testing.assert_close(got[i], want[0], rtol=1e-4, atol=1e-5)
 
 
-def test_fastv_rows_keeping_different_numbers_of_tokens_fail_clearly():
+@pytest.mark.parametrize("family, keep, sizes", [("qwen2_5_vl", 0.2, ((40, 50), (36, 60))), ("llava_next", 40, ((40, 50), (70, 30)))])
+def test_fastv_batches_images_of_different_sizes_like_each_alone_keeping_the_eager_top_k(family, keep, sizes):
+    """Rows that keep different numbers of tokens are padded; each keeps what an eager computation
+    of its last token's attention row (layer K - 1, the prompt alone) ranks top."""
+    model, _, inputs = prompts(family, sizes)
+    assert attention_implementations(model) == ("sdpa", "sdpa")
+    eager = []
+    for i in range(2):
+        single = alone(inputs, i)
+        image = (single["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]
+        eager.append(eager_last_token_attention(model, single, 1)[0, image])
+    kept = assert_batch_generates_like_each_prompt_alone(model, inputs, "fastv", keep)
+    assert len(kept[0]) != len(kept[1]) or family == "qwen2_5_vl"
+    for attention, k in zip(eager, kept):
+        assert k.tolist() == attention.topk(len(k)).indices.sort().values.tolist()
+
+
+def test_fastv_rows_of_different_lengths_after_pruning_are_left_padded_with_unseen_slots():
     model, _, inputs = prompts("qwen2_5_vl", ((40, 50), (36, 60)))
-    with apply_pruning(model, "fastv", keep=0.25):
-        with pytest.raises(ValueError, match="rows must keep the same number"):
-            logits(model, inputs)
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+    with apply_pruning(model, "fastv", keep=0.2) as handle, layer_inputs(model) as seen:
+        out = logits(model, inputs)
+    kept = [len(k) for k in handle.kept_indices]
+    lengths = [inputs["input_ids"].shape[1] - n + k for n, k in zip(counts, kept)]  # prompt padding stays
+    assert kept == [round(0.2 * n) for n in counts] and lengths[0] != lengths[1]
+    assert seen[2][0].shape[1] == max(lengths) == out.shape[1]  # the shorter row padded on the left
+    assert not torch.isnan(out).any()
 
 
 def test_visionzip_needs_a_cls_token_and_baselines_have_no_select():
@@ -160,5 +184,5 @@ def test_visionzip_needs_a_cls_token_and_baselines_have_no_select():
     with pytest.raises(ValueError, match="'visionzip'.*LlavaForConditionalGeneration.*'full'"):
         apply_pruning(model, "visionzip", keep=16)
     assert "forward" not in vars(model)
-    for name, kind in (("visionzip", "vision"), ("fastv", "llm")):  # they act inside the model: no select on tokens
+    for name, kind in (("visionzip", "vision"), ("fastv", "llm"), ("sparsevlm", "llm")):  # they act inside the model: no select on tokens
         assert get_method(name).kind == kind and not hasattr(get_method(name), "select")

@@ -21,7 +21,8 @@ Budgets. For 192 / 128 / 64 of 576 tokens the per-layer budgets are those of the
 Another budget k of n visual tokens (the testbed's 48 / 32 / 16 of 144, LLaVA-NeXT's per-image
 budgets) uses the schedule whose k / n is nearest, scaled by k / its k (so 48 of 144 gives
 75, 50, 28), each at most n; a layer whose budget is not below its visual-token count prunes
-nothing (so keep = all is the unpruned model; the official code always drops at least one).
+nothing, and keep >= n prunes nothing at all (so keep = all is the unpruned model; the official
+code always drops at least one).
 
 Depth. Pruning layers beyond a small model's depth are clipped to its last layer but one (the
 last whose output still reaches a layer): on the 3-layer testbed and tiny models all three fall
@@ -33,8 +34,8 @@ layer, recycled ones included) and ``handle.average_tokens`` (the paper's layer 
 
 Deviations from the official code, all for batches and exactness: every image of a batch is pruned
 with its own raters, budgets and clusters (the official code assumes batch size 1); kept tokens keep
-their own positions (v1.5 renumbers them; v2 offers keeping them), which M-RoPE needs; the density
-has no random tie-breaking noise; a cluster token is the plain mean of its members.
+their own positions (v1.5 renumbers them; v2 offers keeping them), which M-RoPE needs; density
+ties go to the lower index instead of random noise; a cluster token is the plain mean of its members.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class SparseVLM(LLMMethod):
         """Visual tokens kept at each pruning layer for a budget of ``keep`` of ``visual`` tokens."""
         check_int("visual", visual)
         check_int("keep", keep)
+        if keep >= visual:
+            return [visual] * len(next(iter(SCHEDULES.values())))
         scaled = keep * REFERENCE_TOKENS / visual
         reference = min(SCHEDULES, key=lambda k: abs(k - scaled))
         return [min(visual, max(1, int(b * keep / reference + 0.5))) for b in SCHEDULES[reference]]
@@ -129,15 +132,17 @@ def density_peak_merge(tokens: Tensor, clusters: int) -> Tensor:
 
     Distances are Euclidean over sqrt(D); a token's density is exp(-mean squared distance to its
     ``clusters`` nearest tokens, itself included); its parent distance is that to the nearest denser
-    token (the largest distance for the densest); the ``clusters`` tokens with the largest
+    token (the largest distance for the densest; equal densities, as two mutual nearest neighbours
+    have, count the lower index as denser where the official code adds 1e-6 random noise); the ``clusters`` tokens with the largest
     density x parent distance are centres, in that order, and every token joins its nearest centre.
     Computed in float32 (float64 for float64 tokens).
     """
     x = tokens.float() if tokens.dtype != torch.float64 else tokens
-    distance = torch.cdist(x, x) / x.shape[-1] ** 0.5
+    distance = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist") / x.shape[-1] ** 0.5  # exactly symmetric
     nearest = distance.topk(clusters, dim=-1, largest=False).values
     density = (-(nearest**2).mean(dim=-1)).exp()
-    denser = density[None, :] > density[:, None]
+    index = torch.arange(len(x), device=x.device)
+    denser = (density[None, :] > density[:, None]) | ((density[None, :] == density[:, None]) & (index[None, :] < index[:, None]))
     parent = torch.where(denser, distance, distance.max()).min(dim=-1).values
     centres = (parent * density).topk(clusters).indices
     assignment = distance[centres].argmin(dim=0)
