@@ -20,7 +20,7 @@ from lmms_eval.models import get_model
 from lmms_eval.models.chat.llava_hf import LlavaHf
 from lmms_eval.tasks import TaskManager, get_task_dict
 
-from zoo_prune import available_methods, keep_count, method_class, tiny
+from zoo_prune import available_methods, get_method, keep_count, method_class, tiny
 from zoo_prune.evaluation import PAPER_TASKS, TESTBED_TASKS, LmmsEvalError, run_lmms_eval
 from zoo_prune.integrations.lmms_eval import ZooPrune, ZooPruneLlava, backend_class, model_type
 from zoo_prune.testbed.dataset import build_splits
@@ -119,6 +119,15 @@ def test_registered_model_answers_with_k_visual_tokens(in_workdir):
     assert set(TASKS) <= set(results["results"])
     assert [n for n in image_tokens if n] == [KEEP] * len(TASKS)
     assert [k.numel() for k in model.pruning.kept_indices] == [KEEP]
+
+
+def test_llm_stage_method_sparsevlm_answers_through_the_registered_model(in_workdir):
+    model = make_model(in_workdir, method="sparsevlm", m=None, seed=None)
+    results = evaluate(model, limit=1)
+    assert set(TASKS) <= set(results["results"])
+    counts = model.pruning.attachment.hooks.tokens_per_layer
+    assert counts == [get_method("sparsevlm").visual_tokens(TOKENS, KEEP, 3)]  # the last call's one image
+    assert counts[0][0] == TOKENS > counts[0][-1]
 
 
 def test_unpruned_and_bad_model_args(workdir):

@@ -64,6 +64,7 @@ def rotate(x, positions, inv_freq):
     return out
 
 
+@torch.no_grad()
 def reference_rater_scores(layer, normed, positions, raters, visual, inv_freq):
     """Per visual slot: the raters' causal softmax attention in ``layer`` averaged over heads and raters."""
     attention = layer.self_attn
