@@ -66,9 +66,10 @@ class LlavaNextAdapter(LlavaAdapter):
         return lengths.tolist()
 
     def image_budgets(self, inputs: dict, counts: list[int]) -> list[int]:
-        """Visual tokens each image keeps (LLM-stage methods): its patches' shares of the budget."""
+        """Visual tokens each image keeps (LLM-stage methods): its patches' shares of the budget, at
+        most its packed tokens (unpadding can leave fewer than patches x 576: keep = all keeps all)."""
         per_image = [p * self.keep_per_patch for p in self.patches_per_image(inputs)]
-        return [keep_count(k, n) for k, n in zip(per_image, counts)]
+        return [keep_count(min(k, n), n) for k, n in zip(per_image, counts)]
 
     def unit_budget(self, tokens: int) -> int:
         """Tokens a unit of ``tokens`` keeps: the per-patch budget scaled by its share of a patch."""
