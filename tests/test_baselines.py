@@ -10,6 +10,7 @@ from vlm_helpers import (  # noqa: F401  (one_thread is a fixture)
     alone, assert_batch_generates_like_each_prompt_alone, attention_implementations, llm_inputs, logits, one_thread, prompts, row, unpadded,
 )
 from zoo_prune import apply_pruning, get_method
+from zoo_prune.tiny import build_tiny
 from zoo_prune.baselines import visionzip_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,3 +187,35 @@ def test_visionzip_needs_a_cls_token_and_baselines_have_no_select():
     assert "forward" not in vars(model)
     for name, kind in (("visionzip", "vision"), ("fastv", "llm"), ("sparsevlm", "llm")):  # they act inside the model: no select on tokens
         assert get_method(name).kind == kind and not hasattr(get_method(name), "select")
+
+
+def test_decoder_pruning_pads_rows_when_the_model_passes_no_mask():
+    """Rows of an unpadded batch (SDPA gets no mask) that keep different numbers of tokens: the hooks
+    build the padded rows' masks themselves, in the prefill and every generated step."""
+    from zoo_prune.baselines import FastVHooks
+    from zoo_prune.tiny import chat_prompt, tiny_image
+
+    model, processor = build_tiny("llava")
+    text = chat_prompt(processor, "what is in the image?")
+    inputs = processor(images=[tiny_image(0), tiny_image(1)], text=[text, text], return_tensors="pt")
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    columns = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    lm = model.model.language_model
+    hooks = FastVHooks(lm, lm.layers, 2)
+    seen = []
+    probe = lm.layers[2].register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"]), with_kwargs=True)
+    try:
+        hooks.arm([(0, columns, 10), (1, columns, 20)], ids.shape[1], None)
+        batched = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+        assert [len(k) for k in hooks.kept_indices] == [10, 20] and all(m is not None and m.dtype == torch.bool for m in seen)
+        for i, k in enumerate((10, 20)):
+            hooks.arm([(0, columns, k)], ids.shape[1], None)
+            single = model.generate(input_ids=ids[i : i + 1], pixel_values=pixels[i : i + 1], max_new_tokens=3,
+                                    min_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+            assert torch.equal(single.sequences[0], batched.sequences[i])
+            for got, want in zip(batched.logits, single.logits, strict=True):
+                torch.testing.assert_close(got[i], want[0], rtol=1e-4, atol=1e-5)
+    finally:
+        probe.remove()
+        hooks.remove()
