@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +96,8 @@ class _Stage:
     first: int
     source: Tensor  # (B, L')
     real: Tensor  # (B, L') bool
-    counts: list[int]  # visual tokens of each image
+    visual: Tensor  # (B, L') bool: an image's token (kept or recycled)
+    masks: dict = field(default_factory=dict)  # the prefill's pruned mask, per model mask (a stage's layers share it)
 
 
 class DecoderPruning:
@@ -172,13 +173,13 @@ class DecoderPruning:
         return self._visual[image]
 
     def slot_of(self, row: int, columns: Tensor) -> Tensor:
-        """Current columns of the (text) prompt columns ``columns`` of batch row ``row``."""
-        stage = self._stages[-1] if self._stages else None
-        if stage is None:
+        """Current columns of the text prompt columns ``columns`` of batch row ``row`` (text is never dropped)."""
+        if not self._stages:
             return columns
+        stage = self._stages[-1]
         lookup = torch.full((self._length,), -1, dtype=torch.long, device=stage.source.device)
-        slots = torch.arange(stage.source.shape[1], device=stage.source.device)[stage.real[row]]
-        lookup[stage.source[row][stage.real[row]].flip(0)] = slots.flip(0)  # the first slot of a shared column
+        text = stage.real[row] & ~stage.visual[row]
+        lookup[stage.source[row][text]] = text.nonzero()[:, 0]
         return lookup[columns.to(lookup.device)]
 
     def rows(self, attention: nn.Module, hidden: Tensor, position_embeddings, queries: Tensor) -> Tensor:
@@ -252,7 +253,10 @@ class DecoderPruning:
             kwargs["position_embeddings"] = (gather_columns(cos, stage.source, 1), gather_columns(sin, stage.source, 1))
             if isinstance(kwargs.get("position_ids"), Tensor):
                 kwargs["position_ids"] = gather_columns(kwargs["position_ids"], stage.source, -1)
-            kwargs["attention_mask"] = _prefill_mask(mask, stage.source, stage.real, self._key_mask)
+            key = None if mask is None else id(mask)
+            if key not in stage.masks:
+                stage.masks[key] = (mask, _prefill_mask(mask, stage.source, stage.real, self._key_mask))  # holds mask: ids stay unique
+            kwargs["attention_mask"] = stage.masks[key][1]
         else:
             cache = kwargs.get("past_key_values")
             keys = (cache.get_seq_length(index) if cache is not None else stage.source.shape[1]) + hidden.shape[1]
@@ -308,7 +312,10 @@ class DecoderPruning:
         self._visual = [v + new_length - len(rows[row][0]) for v, (row, _, _) in zip(visual, self._images)]
         self._origin = origin
         counts = [len(v) for v in visual]
-        self._stages.append(_Stage(first, new_source, new_real, counts))
+        is_visual = torch.zeros_like(new_real)
+        for v, (row, _, _) in zip(self._visual, self._images):
+            is_visual[row, v] = True
+        self._stages.append(_Stage(first, new_source, new_real, is_visual))
         for tokens, n in zip(self._tokens, counts):
             tokens[first:] = [n] * (self.n_layers - first)
         self.kept_indices = [o[o >= 0] for o in origin]
