@@ -28,8 +28,8 @@ Depth. Pruning layers beyond a small model's depth are clipped to its last layer
 last whose output still reaches a layer): on the 3-layer testbed and tiny models all three fall
 on layer 1, and stages that fall on one layer act as one, with the last one's budget.
 
-Reported counts: ``handle.tokens_per_layer`` (per image, the visual tokens entering each decoder
-layer, recycled ones included) and ``handle.average_tokens`` (the paper's layer average);
+Reported counts: ``handle.attachment.hooks.tokens_per_layer`` (per image, the visual tokens entering each
+decoder layer, recycled ones included) and ``.average_tokens`` (the paper's layer average);
 :meth:`SparseVLM.llm_tokens` gives the same per-layer counts for the FLOPs ledger.
 
 Deviations from the official code, all for batches and exactness: every image of a batch is pruned
