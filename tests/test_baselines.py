@@ -219,3 +219,17 @@ def test_decoder_pruning_pads_rows_when_the_model_passes_no_mask():
     finally:
         probe.remove()
         hooks.remove()
+
+
+@pytest.mark.parametrize("method", ["fastv", "sparsevlm"])
+def test_llm_stage_beam_search_prunes_every_beam_as_its_prompt(method):
+    model, _, inputs = prompts("llava", ((40, 50), (36, 60)))
+    beams = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    with apply_pruning(model, method, keep=10) as handle:
+        batched = model.generate(**inputs, **beams)
+        kept = [k.clone() for k in handle.kept_indices]
+        assert len(kept) == 4 and torch.equal(kept[0], kept[1]) and torch.equal(kept[2], kept[3])
+        for i in range(2):
+            single = model.generate(**alone(inputs, i), **beams)
+            assert torch.equal(handle.kept_indices[0], kept[2 * i])
+            assert torch.equal(single[:, -3:], batched[2 * i : 2 * i + 2, -3:])

@@ -107,7 +107,9 @@ class DecoderPruning:
     attention (its attention module's input) and the choice takes effect from the next layer on.
     ``arm(images, length, key_mask)`` is called once per prompt with, for every image, its batch
     row, the columns of its visual tokens and its budget k. The next sequence that the language
-    model starts (empty cache) is pruned if it has that length. Afterwards ``kept_indices`` lists
+    model starts (empty cache) is pruned if it has that length (a batch that ``generate`` expanded,
+    for beams or several returned sequences, prunes every copy of a prompt as the prompt; the counts
+    below then list every copy). Afterwards ``kept_indices`` lists
     per image the indices (into its visual tokens, sorted) of the original tokens still present in
     the last layer, ``tokens_per_layer`` per image the visual tokens entering each decoder layer
     (recycled ones included) and ``average_tokens`` per image the visual tokens each layer passes
@@ -220,6 +222,13 @@ class DecoderPruning:
             return None
         images, length, key_mask = armed
         batch, device = embeds.shape[0], embeds.device
+        prompts = key_mask.shape[0] if key_mask is not None else max(row for row, _, _ in images) + 1
+        if batch != prompts:  # generate expanded each prompt into consecutive rows (beams, return sequences)
+            if batch % prompts:
+                return None
+            copies = batch // prompts
+            images = [(row * copies + j, columns, k) for row, columns, k in images for j in range(copies)]
+            key_mask = None if key_mask is None else key_mask.repeat_interleave(copies, dim=0)
         self._images = [(row, columns.to(device), k) for row, columns, k in images]
         self._length = length
         self._key_mask = None if key_mask is None else key_mask.bool().to(device)
