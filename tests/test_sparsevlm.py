@@ -231,3 +231,22 @@ def test_per_layer_counts_are_the_methods_and_keep_all_is_the_unpruned_model():
     with apply_pruning(model, "sparsevlm", keep=64) as handle:
         torch.testing.assert_close(logits(model, inputs), full)
         assert [k.tolist() for k in handle.kept_indices] == [list(range(64))] * 2
+
+
+@pytest.mark.parametrize("method", ["sparsevlm", "fastv"])
+def test_an_eager_model_prunes_as_the_sdpa_one(method):
+    """The same batch (padded rows of different lengths) with the language model in eager attention
+    (additive float masks) keeps the same tokens and gives the same outputs as under SDPA (bool masks)."""
+    model, _, inputs = prompts("qwen2_5_vl", ((40, 50), (36, 60)))
+    results = []
+    for implementation in ("sdpa", "eager"):
+        model.model.language_model.set_attn_implementation(implementation)
+        with apply_pruning(model, method, keep=0.3) as handle:
+            out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 return_dict_in_generate=True, output_logits=True)
+            results.append(([k.tolist() for k in handle.kept_indices], out))
+            assert model.model.language_model.config._attn_implementation == implementation
+    (kept_sdpa, sdpa), (kept_eager, eager) = results
+    assert kept_sdpa == kept_eager and torch.equal(sdpa.sequences, eager.sequences)
+    for got, want in zip(eager.logits, sdpa.logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
