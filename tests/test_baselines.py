@@ -11,7 +11,7 @@ from vlm_helpers import (  # noqa: F401  (one_thread is a fixture)
 )
 from zoo_prune import apply_pruning, get_method
 from zoo_prune.tiny import build_tiny
-from zoo_prune.baselines import visionzip_tokens
+from zoo_prune.methods.visionzip import visionzip_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -192,7 +192,7 @@ def test_visionzip_needs_a_cls_token_and_baselines_have_no_select():
 def test_decoder_pruning_pads_rows_when_the_model_passes_no_mask():
     """Rows of an unpadded batch (SDPA gets no mask) that keep different numbers of tokens: the hooks
     build the padded rows' masks themselves, in the prefill and every generated step."""
-    from zoo_prune.baselines import FastVHooks
+    from zoo_prune.methods.fastv import FastVHooks
     from zoo_prune.tiny import chat_prompt, tiny_image
 
     model, processor = build_tiny("llava")

@@ -13,7 +13,7 @@ from vlm_helpers import (  # noqa: F401  (one_thread is a fixture)
     alone, assert_batch_generates_like_each_prompt_alone, attention_implementations, logits, one_thread, prompts,
 )
 from zoo_prune import apply_pruning, available_methods, get_method
-from zoo_prune.baselines import density_peak_merge
+from zoo_prune.methods.sparsevlm import density_peak_merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

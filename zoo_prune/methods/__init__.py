@@ -19,7 +19,7 @@ from .base import (
     register_method,
 )
 from . import divprune, pooling, random, zoo  # noqa: E402,F401  (register the methods)
-from ..baselines import fastv, sparsevlm, visionzip  # noqa: E402,F401
+from . import fastv, sparsevlm, visionzip  # noqa: E402,F401  (vision and LLM stage)
 
 __all__ = ["KINDS", "Attachment", "LLMMethod", "ProjectorMethod", "PruningMethod", "VisionMethod",
            "available_methods", "get_method", "method_class", "register_method"]

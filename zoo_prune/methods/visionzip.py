@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_positive_float
-from ..methods.base import VisionMethod, register_method
+from .base import VisionMethod, register_method
 
 DOMINANT_FRACTION = 27 / 32
 

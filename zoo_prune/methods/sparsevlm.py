@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
-from ..methods.base import LLMMethod, register_method
+from .base import LLMMethod, register_method
 from .llm_pruning import Decision, DecoderPruning
 
 REFERENCE_TOKENS = 576

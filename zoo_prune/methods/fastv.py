@@ -7,7 +7,7 @@ the top k visual tokens of each image and all text tokens remain: their hidden s
 position embeddings (each token keeps its own position), attention-mask rows and columns and, in
 the KV cache of those layers, their keys and values. Layers below K keep every token.
 
-The mechanism is :class:`~zoo_prune.baselines.llm_pruning.DecoderPruning`, forward pre-hooks on
+The mechanism is :class:`~zoo_prune.methods.llm_pruning.DecoderPruning`, forward pre-hooks on
 the decoder layers armed per prompt by ``apply_pruning``: only the last prompt token's attention
 row in layer K - 1 is computed, from the layer's own projections and rotary function, so the model
 keeps its attention implementation (SDPA or eager). Rows of a batch whose images keep different
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int
-from ..methods.base import LLMMethod, register_method
+from .base import LLMMethod, register_method
 from .llm_pruning import Decision, DecoderPruning
 
 
