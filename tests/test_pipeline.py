@@ -244,7 +244,7 @@ def test_paper_profile_fails_fast_and_dry_run_prints_the_commands(workspace, wan
     assert all(c.split()[1:3] == ["launch", "--num_processes=4"] for c in commands)
     assert any("pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=zoo,keep=640," in c and "estimator=lowrank" in c
                and "m=8," in c for c in commands)
-    assert all("--tasks gqa,mmbench_en_dev,mme,pope,scienceqa_img,vqav2,textvqa_val,mmmu_val,seedbench" in c for c in commands)
+    assert all("--tasks gqa,mmbench_en_dev_static,mme,pope,scienceqa_img,vqav2_val,textvqa_val,mmmu_val,seedbench" in c for c in commands)
     assert not (tmp_path / "outputs").exists()
 
 
