@@ -65,53 +65,71 @@ def tiny_tokenizer(words=WORDS):
     )
 
 
-def _text_config(tokenizer) -> dict:
+def _text_config(tokenizer, **overrides) -> dict:
     return dict(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    ) | overrides
 
 
-def _clip_config():
+def _clip_config(image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     return tf.CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
+        image_size=image_size, patch_size=patch_size, projection_dim=32,
     )
 
 
-def _clip_processor_kwargs(tokenizer) -> dict:
-    return dict(tokenizer=tokenizer, patch_size=PATCH_SIZE, vision_feature_select_strategy="default",
+def _clip_processor_kwargs(tokenizer, patch_size: int = PATCH_SIZE) -> dict:
+    return dict(tokenizer=tokenizer, patch_size=patch_size, vision_feature_select_strategy="default",
                 num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
 
 
-def build_tiny(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """(model, processor) of a tiny ``family`` model (one of :data:`FAMILIES`), eval mode."""
-    tokenizer = tiny_tokenizer()
+def build_tiny(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, image_size: int = IMAGE_SIZE,
+               patch_size: int | None = None, grid_pinpoints=GRID_PINPOINTS, text: dict | None = None,
+               vision: dict | None = None, pixels: tuple[int, int] = (16 * 16, 48 * 48), tokenizer=None):
+    """(model, processor) of a tiny ``family`` model (one of :data:`FAMILIES`), eval mode.
+
+    The defaults give the small shapes of the module docstring. The geometry can be set to a real
+    checkpoint's while the widths stay tiny (``zoo_prune.rehearsal.checkpoints``): ``image_size`` and
+    ``patch_size`` of the CLIP tower (LLaVA families), ``grid_pinpoints`` (LLaVA-NeXT), ``pixels`` =
+    (min_pixels, max_pixels) of Qwen2.5-VL's processor, ``patch_size`` and other ``vision`` config
+    entries of its tower (``window_size``, ``fullatt_block_indexes``, ``depth``, ...), ``text`` config
+    entries of the language model, and the ``tokenizer`` (default :func:`tiny_tokenizer`).
+    """
+    tokenizer = tokenizer or tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    text = dict(text or {})
+    if family in ("llava", "llava_next"):
+        patch_size = patch_size or PATCH_SIZE
+        crop = {"height": image_size, "width": image_size}
     if family == "llava":
-        config = tf.LlavaConfig(vision_config=_clip_config(), text_config=tf.LlamaConfig(**_text_config(tokenizer)),
-                                image_token_id=image_token_id, image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2)
+        config = tf.LlavaConfig(vision_config=_clip_config(image_size, patch_size),
+                                text_config=tf.LlamaConfig(**_text_config(tokenizer, **text)),
+                                image_token_id=image_token_id, image_seq_length=(image_size // patch_size) ** 2)
         model_class = tf.LlavaForConditionalGeneration
-        images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        processor = tf.LlavaProcessor(image_processor=images, **_clip_processor_kwargs(tokenizer))
+        images = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=crop)
+        processor = tf.LlavaProcessor(image_processor=images, **_clip_processor_kwargs(tokenizer, patch_size))
     elif family == "llava_next":
-        config = tf.LlavaNextConfig(vision_config=_clip_config(), text_config=tf.LlamaConfig(**_text_config(tokenizer)),
-                                    image_token_id=image_token_id, image_grid_pinpoints=GRID_PINPOINTS)
+        config = tf.LlavaNextConfig(vision_config=_clip_config(image_size, patch_size),
+                                    text_config=tf.LlamaConfig(**_text_config(tokenizer, **text)),
+                                    image_token_id=image_token_id, image_grid_pinpoints=grid_pinpoints)
         model_class = tf.LlavaNextForConditionalGeneration
-        images = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                            image_grid_pinpoints=GRID_PINPOINTS)
-        processor = tf.LlavaNextProcessor(image_processor=images, **_clip_processor_kwargs(tokenizer))
+        images = LlavaNextImageProcessorPil(size={"shortest_edge": image_size}, crop_size=crop, image_grid_pinpoints=grid_pinpoints)
+        processor = tf.LlavaNextProcessor(image_processor=images, **_clip_processor_kwargs(tokenizer, patch_size))
     elif family == "qwen2_5_vl":
-        text = dict(_text_config(tokenizer), rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=QWEN_PATCH_SIZE, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=4 * QWEN_PATCH_SIZE, out_hidden_size=64, fullatt_block_indexes=[1])
+        patch_size = patch_size or QWEN_PATCH_SIZE
+        text = dict(_text_config(tokenizer, **text))
+        text.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=patch_size, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=4 * patch_size, out_hidden_size=text["hidden_size"],
+                      fullatt_block_indexes=[1]) | (vision or {})
         ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
                (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"))}
         config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
         model_class = tf.Qwen2_5_VLForConditionalGeneration
-        images = Qwen2VLImageProcessorPil(patch_size=QWEN_PATCH_SIZE, merge_size=2, temporal_patch_size=2,
-                                          min_pixels=16 * 16, max_pixels=48 * 48)
+        images = Qwen2VLImageProcessorPil(patch_size=vision["patch_size"], merge_size=vision["spatial_merge_size"],
+                                          temporal_patch_size=vision["temporal_patch_size"], min_pixels=pixels[0], max_pixels=pixels[1])
         processor = QwenProcessorWithoutVideo(image_processor=images, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
     else:
         raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")

@@ -44,6 +44,9 @@ SUFFIX = "_standin"
 SEED_BASE = 9_000_000  # scene seeds: disjoint from the testbed's splits (dataset seeds 0..2 use < 9e6)
 SEEDS_PER_TASK = 10_000
 OPTION_LETTERS = "ABCD"
+# Image sizes (width, height), cycled over the documents: like benchmark photos, they make LLaVA-NeXT pick
+# different anyres grids (672 x 672: 5 patches, 2880 tokens before unpadding) and Qwen2.5-VL different grids.
+IMAGE_SIZES = ((672, 672), (640, 480), (336, 336), (480, 640))
 
 
 def standin_name(task: str) -> str:
@@ -88,8 +91,11 @@ def lmms_eval_task_yaml(task: str) -> Path:
 
 # ----------------------------------------------------------------------------------------- scenes
 
-def _image(scene: Scene) -> Image.Image:
-    return Image.fromarray(scene.image)
+def draw(seed: int, size: tuple[int, int]) -> tuple[Scene, Image.Image]:
+    """A testbed scene drawn at the larger side of ``size`` = (width, height), the image resized to ``size``."""
+    scene = generate_scene(seed, max(size))
+    image = Image.fromarray(scene.image)
+    return scene, image if image.size == tuple(size) else image.resize(tuple(size), Image.BICUBIC)
 
 
 def _shapes(scene: Scene) -> list:
@@ -123,8 +129,8 @@ def _existence_pair(scene: Scene) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ one builder a task
-# Each returns (split, rows, features) with the columns the real task's utils read, plus those of the
-# real dataset that its results or logs carry. Scenes are drawn per document from the task's seeds.
+# Each takes [(scene, image)] and returns (split, rows, features, extra datasets) with the columns the real
+# task's utils read, plus those of the real dataset that its results or logs carry.
 
 def _features(**columns):
     from datasets import Features
@@ -147,12 +153,12 @@ def _img():
 def build_gqa(scenes, rng):
     """lmms-eval ``gqa``: testdev_balanced_instructions (question, answer, imageId) + images (id, image)."""
     rows, images = [], []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         question, answer, _ = _attribute(scene, rng)
         image_id = f"n{scene.seed}"
         rows.append({"id": f"{i:08d}", "imageId": image_id, "question": question[0].upper() + question[1:],
                      "answer": answer, "fullAnswer": f"The answer is {answer}.", "isBalanced": True})
-        images.append({"id": image_id, "image": _image(scene)})
+        images.append({"id": image_id, "image": image})
     features = _features(id=_value(), imageId=_value(), question=_value(), answer=_value(), fullAnswer=_value(),
                          isBalanced=_value("bool"))
     return "testdev", rows, features, {"images": (images, _features(id=_value(), image=_img()))}
@@ -161,14 +167,14 @@ def build_gqa(scenes, rng):
 def build_mmbench(scenes, rng):
     """lmms-eval ``mmbench_en_dev(_static)``: index, question, hint, A-D, answer letter, categories, image."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         question, answer, pool = _attribute(scene, rng)
         options = _others(rng, answer, pool, len(OPTION_LETTERS))
         rows.append({"index": i, "question": question[0].upper() + question[1:],
                      "hint": None if i % 2 else "The picture shows coloured shapes on a cluttered background.",
                      **dict(zip(OPTION_LETTERS, options)), "answer": OPTION_LETTERS[options.index(answer)],
                      "category": "attribute_recognition", "L2-category": "Fine-grained Perception (instance-level)",
-                     "source": "zoo_prune.testbed", "split": "dev", "image": _image(scene)})
+                     "source": "zoo_prune.testbed", "split": "dev", "image": image})
     features = _features(index=_value("int64"), question=_value(), hint=_value(),
                          **{c: _value() for c in OPTION_LETTERS}, answer=_value(), category=_value(),
                          **{"L2-category": _value()}, source=_value(), split=_value(), image=_img())
@@ -208,9 +214,8 @@ def _mme_pair(scene: Scene, category: str, rng) -> tuple[str, str]:
 def build_mme(scenes, rng):
     """lmms-eval ``mme``: two questions per image (answers Yes and No, one question_id), a category each."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         category = MME_CATEGORIES[i % len(MME_CATEGORIES)]
-        image = _image(scene)
         for question, answer in zip(_mme_pair(scene, category, rng), ("Yes", "No")):
             rows.append({"question_id": f"{category}/{scene.seed}.png", "image": image,
                          "question": f"{question} Please answer yes or no.", "answer": answer, "category": category})
@@ -221,10 +226,10 @@ def build_mme(scenes, rng):
 def build_pope(scenes, rng):
     """lmms-eval ``pope``: yes / no object questions (every no adversarial), one category per image."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         qa = _existence_pair(scene)[i % 2]
         rows.append({"id": str(i), "question_id": str(i), "question": f"Is there a {qa['question'][len('is there a '):-1]} in the image?",
-                     "answer": qa["answer"], "image_source": f"standin_{scene.seed}", "image": _image(scene),
+                     "answer": qa["answer"], "image_source": f"standin_{scene.seed}", "image": image,
                      "category": ("adversarial", "popular", "random")[i % 3]})
     features = _features(id=_value(), question_id=_value(), question=_value(), answer=_value(), image_source=_value(),
                          image=_img(), category=_value())
@@ -234,10 +239,10 @@ def build_pope(scenes, rng):
 def build_scienceqa(scenes, rng):
     """lmms-eval ``scienceqa_img``: question, choices (2-4), answer (index), hint (context or empty), image."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         question, answer, pool = _attribute(scene, rng)
         choices = _others(rng, answer, pool, 2 + i % 3)
-        rows.append({"image": _image(scene), "question": question[0].upper() + question[1:], "choices": choices,
+        rows.append({"image": image, "question": question[0].upper() + question[1:], "choices": choices,
                      "answer": choices.index(answer), "hint": "" if i % 2 else "Look at the shapes in the picture.",
                      "task": "closed choice", "grade": "grade1", "subject": "natural science", "topic": "shapes",
                      "category": "Identify shapes and colours", "skill": "Identify shapes", "lecture": "", "solution": ""})
@@ -260,7 +265,7 @@ def _ten_answers(answer: str, rng) -> list[str]:
 def build_vqav2(scenes, rng):
     """lmms-eval ``vqav2_val``: question, ten annotator answers ({answer, answer_confidence, answer_id}), image."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         family = ("attribute", "counting", "existence")[i % 3]
         [qa] = ask(scene, (family,), 1)
         answers = _ten_answers(qa["answer"], rng)
@@ -268,7 +273,7 @@ def build_vqav2(scenes, rng):
                      "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k, a in enumerate(answers)],
                      "image_id": scene.seed, "answer_type": {"counting": "number", "existence": "yes/no"}.get(family, "other"),
                      "question_id": scene.seed * 10 + i, "question": qa["question"][0].upper() + qa["question"][1:],
-                     "image": _image(scene)})
+                     "image": image})
     answer = {"answer": _value(), "answer_confidence": _value(), "answer_id": _value("int64")}
     features = _features(question_type=_value(), multiple_choice_answer=_value(), answers=[answer], image_id=_value("int64"),
                          answer_type=_value(), question_id=_value("int64"), question=_value(), image=_img())
@@ -278,9 +283,8 @@ def build_vqav2(scenes, rng):
 def build_textvqa(scenes, rng):
     """lmms-eval ``textvqa_val``: a question about the text in the image, ten answers, OCR tokens, image."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         [qa] = ask(scene, ("reading",), 1)
-        image = _image(scene)
         rows.append({"image_id": str(scene.seed), "question_id": i, "question": qa["question"],
                      "question_tokens": qa["question"].rstrip("?").split(), "image": image,
                      "image_width": image.width, "image_height": image.height, "flickr_original_url": "",
@@ -304,9 +308,9 @@ def build_mmmu(scenes, rng):
     """lmms-eval ``mmmu_val``: id validation_<Subject>_<n>, question with <image 1>, options (a Python
     list as text), answer, question_type (multiple-choice, every fourth open), image_1..image_7."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         subject = MMMU_SUBJECTS[i % len(MMMU_SUBJECTS)]
-        row = {"id": f"validation_{subject}_{i + 1}", "image_1": _image(scene),
+        row = {"id": f"validation_{subject}_{i + 1}", "image_1": image,
                **{f"image_{k}": None for k in range(2, MMMU_IMAGES + 1)}, "img_type": "['Diagrams']",
                "topic_difficulty": "Easy", "subfield": "Geometry", "explanation": ""}
         if i % 4 == 3:
@@ -328,13 +332,13 @@ def build_mmmu(scenes, rng):
 def build_seedbench(scenes, rng):
     """lmms-eval ``seedbench``: question, choice_a..choice_d, answer letter, data_type image, image (a list)."""
     rows = []
-    for i, scene in enumerate(scenes):
+    for i, (scene, image) in enumerate(scenes):
         question, answer, pool = _attribute(scene, rng)
         options = _others(rng, answer, pool, 4)
         rows.append({"answer": OPTION_LETTERS[options.index(answer)],
                      **{f"choice_{c.lower()}": o for c, o in zip(OPTION_LETTERS, options)},
                      "data_id": f"{scene.seed}.png", "data_type": "image", "question": question[0].upper() + question[1:],
-                     "question_id": str(i), "question_type_id": 2, "image": [_image(scene)], "segment": None})
+                     "question_id": str(i), "question_type_id": 2, "image": [image], "segment": None})
     from datasets import Sequence
 
     features = _features(answer=_value(), **{f"choice_{c.lower()}": _value() for c in OPTION_LETTERS}, data_id=_value(),
@@ -392,7 +396,8 @@ def task_yaml(task: str, include: Path, dataset: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_standins(out_dir, tasks, *, docs: int = 6, image_size: int = 96, seed: int = 0, overwrite: bool = False) -> dict:
+def build_standins(out_dir, tasks, *, docs: int = 6, image_sizes=IMAGE_SIZES, seed: int = 0,
+                   overwrite: bool = False) -> dict:
     """Write the stand-in datasets and task YAMLs of ``tasks`` under ``out_dir``; return the manifest.
 
     Written to a temporary sibling and renamed, so a failure leaves no partial output.
@@ -411,7 +416,7 @@ def build_standins(out_dir, tasks, *, docs: int = 6, image_size: int = 96, seed:
     includes = {task: lmms_eval_task_yaml(task) for task in tasks}
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    manifest = {"generator": "zoo_prune.rehearsal.tasks", "docs": docs, "image_size": image_size, "seed": seed,
+    manifest = {"generator": "zoo_prune.rehearsal.tasks", "docs": docs, "image_sizes": [list(s) for s in image_sizes], "seed": seed,
                 "tasks": {}}
     bars_were_on = is_progress_bar_enabled()
     disable_progress_bars()
@@ -419,7 +424,7 @@ def build_standins(out_dir, tasks, *, docs: int = 6, image_size: int = 96, seed:
         (tmp / "tasks").mkdir(parents=True)
         for task in tasks:
             start = SEED_BASE + (seed * len(BUILDERS) + list(BUILDERS).index(task)) * SEEDS_PER_TASK
-            scenes = [generate_scene(start + i, image_size) for i in range(docs)]
+            scenes = [draw(start + i, image_sizes[i % len(image_sizes)]) for i in range(docs)]
             rng = np.random.default_rng([seed, list(BUILDERS).index(task)])
             split, rows, features, extra = BUILDERS[task](scenes, rng)
             name = "instructions" if extra else ""
@@ -453,12 +458,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output folder (e.g. data/standins)")
     parser.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lmms-eval tasks (default: the paper's)")
     parser.add_argument("--docs", type=int, default=6, help="documents (images) per task")
-    parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        manifest = build_standins(args.out, args.tasks.split(","), docs=args.docs, image_size=args.image_size,
+        manifest = build_standins(args.out, args.tasks.split(","), docs=args.docs,
                                   seed=args.seed, overwrite=args.overwrite)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"error: {error}") from None
