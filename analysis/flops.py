@@ -96,6 +96,13 @@ def prefill_flops(dims: Dims, kept: int, text_tokens: int, method: str = "unprun
     return parts
 
 
-# Quoted from the paper's App. D (LLaVA-NeXT-7B, TFLOPs) for the formula check only; never plotted as ours.
-PAPER_APP_D = {("unpruned", 2880): 11.8, ("divprune", 640): 2.61, ("divprune", 320): 1.41, ("divprune", 160): 0.81,
-               ("zoo", 640): 2.74, ("zoo", 320): 1.53, ("zoo", 160): 0.94}
+def _paper_app_d() -> dict[tuple[str, int], float]:
+    from .paper import paper_numbers
+
+    numbers = paper_numbers()
+    app_d = numbers[numbers["table"] == "appD"]
+    return {(method, keep): value for method, keep, value in zip(app_d["method"], app_d["keep"], app_d["value"])}
+
+
+# The paper's App. D (LLaVA-NeXT-7B, TFLOPs; analysis/paper_numbers.csv) for the formula check only; never plotted as ours.
+PAPER_APP_D = _paper_app_d()

@@ -11,9 +11,11 @@ from scipy.stats import spearmanr
 
 from zoo_prune import normalize_sensitivity
 
-# Primary metric of a task (paper Table A); a tuple is summed (MME: perception + cognition).
-# Any other task: its first numeric metric that is not a standard error.
-PRIMARY = {"pope": "pope_f1_score", "mme": ("mme_perception_score", "mme_cognition_score")}
+# Primary metric (paper Table A), found by the metric names a task reports, so that variants and stand-ins
+# (mmbench_en_dev_static, pope_standin, ...) score like their task: the first rule whose metrics are all
+# there wins; a tuple is summed (MME: perception + cognition). Otherwise: the first numeric metric that is
+# not a standard error (accuracy, exact_match, gpt_eval_score, mmmu_acc, seed_image come first anyway).
+PRIMARY = (("mme_perception_score", "mme_cognition_score"), "pope_f1_score", "seed_image")
 UNPRUNED = "unpruned"
 
 
@@ -61,11 +63,9 @@ def task_scores(results: dict) -> dict[str, float]:
     for task, entry in results["results"].items():
         metrics = {k.split(",")[0]: v for k, v in entry.items() if "," in k and "stderr" not in k
                    and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        primary = PRIMARY.get(task)
-        if isinstance(primary, tuple) and all(p in metrics for p in primary):
-            scores[task] = float(sum(metrics[p] for p in primary))
-        elif isinstance(primary, str) and primary in metrics:
-            scores[task] = float(metrics[primary])
+        rule = next((r for r in PRIMARY if all(m in metrics for m in ((r,) if isinstance(r, str) else r))), None)
+        if rule is not None:
+            scores[task] = float(sum(metrics[m] for m in ((rule,) if isinstance(rule, str) else rule)))
         elif metrics:
             scores[task] = float(next(iter(metrics.values())))
     if not scores:

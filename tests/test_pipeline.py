@@ -78,8 +78,11 @@ def test_task_scores_take_each_tasks_primary_metric():
     results = {"results": {"testbed": {" ": " ", "alias": "testbed"},
                            "testbed_existence": {"alias": "x", "f1,none": 0.5, "f1_stderr,none": "N/A"},
                            "mme": {"mme_cognition_score,none": 300.0, "mme_perception_score,none": 1500.0},
-                           "pope": {"pope_accuracy,none": 0.9, "pope_f1_score,none": 0.8}}}
-    assert stats.task_scores(results) == {"testbed_existence": 0.5, "mme": 1800.0, "pope": 0.8}
+                           "pope": {"pope_accuracy,none": 0.9, "pope_f1_score,none": 0.8},
+                           "pope_standin": {"pope_accuracy,none": 0.7, "pope_f1_score,none": 0.6},  # by metric, not name
+                           "seedbench": {"seed_all,none": 0.3, "seed_video,none": 0.1, "seed_image,none": 0.4}}}
+    assert stats.task_scores(results) == {"testbed_existence": 0.5, "mme": 1800.0, "pope": 0.8, "pope_standin": 0.6,
+                                          "seedbench": 0.4}
 
 
 def test_flops_formula_matches_app_d_at_160_tokens():

@@ -15,6 +15,7 @@ import pytest
 import torch
 from lmms_eval.tasks import TaskManager, get_task_dict
 
+from analysis import stats
 from zoo_prune import tiny
 from zoo_prune.evaluation import PAPER_TASKS, run_lmms_eval
 from zoo_prune.rehearsal.tasks import MME_CATEGORIES, build_standins, standin_name
@@ -125,6 +126,9 @@ def test_lmms_eval_runs_two_standins_end_to_end(standins, tmp_path, monkeypatch)
     pope, mme = (results["results"][name] for name in names)
     assert 0 <= pope["pope_f1_score,none"] <= 1 and 0 <= pope["pope_accuracy,none"] <= 1
     assert {"mme_perception_score,none", "mme_cognition_score,none"} <= set(mme)  # first two images: both kinds
+    scores = stats.task_scores(results)  # the paper's primary metrics, as the pipeline reads them
+    assert scores == {names[0]: pope["pope_f1_score,none"],
+                      names[1]: mme["mme_perception_score,none"] + mme["mme_cognition_score,none"]}
     assert set(MME_CATEGORIES[:2]) == {"existence", "numerical_calculation"}
     samples = list((tmp_path / "eval").glob(f"**/*_samples_{names[0]}.jsonl"))
     assert len(samples) == 1 and len(samples[0].read_text().splitlines()) == 4
