@@ -80,8 +80,12 @@ def paper_table(table: str, numbers: pd.DataFrame | None = None) -> pd.DataFrame
 
 
 def benchmark_of(task: str, params: dict) -> str:
-    """The paper's column (``benchmark``) that lmms-eval ``task`` fills, from params ``paper.benchmarks``."""
+    """The paper's column (``benchmark``) that lmms-eval ``task`` fills, from params ``paper.benchmarks``;
+    a rehearsal's stand-in ``<task>_standin`` (``zoo_prune.rehearsal.tasks``) fills its task's column."""
+    from zoo_prune.rehearsal.tasks import SUFFIX
+
     mapping = params.get("paper", {}).get("benchmarks", {})
-    if task not in mapping:
+    name = task if task in mapping else task.removesuffix(SUFFIX)
+    if name not in mapping:
         raise ValueError(f"task {task!r} has no paper column in params paper.benchmarks ({sorted(mapping)})")
-    return mapping[task]
+    return mapping[name]

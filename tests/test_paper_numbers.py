@@ -158,5 +158,6 @@ def test_params_map_every_paper_task_to_a_column():
     assert tuple(paper["tasks"]) == PAPER_TASKS
     assert set(paper["task_notes"]) <= set(paper["tasks"])
     assert [benchmark_of(task, PARAMS) for task in paper["tasks"]] == list(BENCHMARKS)
+    assert benchmark_of("vqav2_val_standin", PARAMS) == "vqav2"  # a rehearsal's stand-in fills its task's column
     with pytest.raises(ValueError, match="'nope'"):
         benchmark_of("nope", PARAMS)
