@@ -10,7 +10,7 @@ gives for Fig. 2 (mean Spearman rho) and Fig. 5 (speed-ups), one row per cell:
 - ``table``: table1 ... table5, appD, fig2, fig5;
 - ``model``: as params.yaml ``paper.models`` names it (empty for Fig. 2: the paper names none);
 - ``method``: as the ``zoo_prune`` method registry names it, ``unpruned`` for the full model
-  (the paper ran every method but ``sparsevlm``, whose numbers it quotes);
+  (``sparsevlm``'s cells are copies of SparseVLM's own numbers: see ``source``);
 - ``keep``: the budget as the paper states it: visual tokens (576, 192, ... ; LLaVA-NeXT 2880, 640,
   ...) or, for Qwen2.5-VL, the fraction kept (0.2, 0.1; 1.0 = "Full Tokens"), as params' budgets;
 - ``benchmark``: the paper's column (gqa, mmbench, mme, pope, scienceqa_img, vqav2, textvqa, mmmu,
