@@ -277,5 +277,9 @@ def test_dvc_yaml_declares_what_each_stage_reads():
     assert dvc["train"]["outs"] == [{"models/testbed-llava": {"cache": False}}]
     assert "data/testbed/card.json" in dvc["train"]["deps"] and "data/testbed" not in dvc["train"]["deps"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert len(params["evaluate"]["zoo_methods"] + params["evaluate"]["baselines"]) + 1 == 8  # with unpruned
+    from zoo_prune import available_methods, method_class
+
+    evaluated = params["evaluate"]["zoo_methods"] + params["evaluate"]["baselines"]
+    assert sorted(evaluated) == available_methods()  # make repro evaluates every registered method
+    assert all(method_class(m).params_section == "zoo" for m in params["evaluate"]["zoo_methods"])
     assert params["budgets"] == [48, 32, 16] and params["profile"] == "testbed"
