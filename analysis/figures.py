@@ -30,7 +30,7 @@ def _stamp(fig, title: str, note: str = "") -> plt.Figure:
     """Bold title and the red note on top, both wrapped to the figure's width; the axes below them."""
     width = fig.get_figwidth()
     title = textwrap.fill(title, int(width * 9))
-    note = textwrap.fill(note, int(width * 14)) if note else ""
+    note = textwrap.fill(note, int(width * 11)) if note else ""
     inch = 1 / fig.get_figheight()  # one inch as a fraction of the figure's height
     fig.suptitle(title, fontsize=12, fontweight="bold", y=1 - 0.05 * inch, va="top")
     top = 1 - (0.12 + 0.22 * (title.count("\n") + 1)) * inch
@@ -102,43 +102,93 @@ def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "") -
                        f"normalised projector sensitivity >= {threshold}", note)
 
 
-def avg_vs_tokens(table: pd.DataFrame, note: str = "") -> plt.Figure:
-    """Normalised Avg (% of unpruned) against kept tokens, one line per method."""
+def avg_vs_tokens(table: pd.DataFrame, note: str = "", spread: pd.DataFrame | None = None, questions: str = "") -> plt.Figure:
+    """Normalised Avg (% of unpruned) against kept tokens, one line per method; error bars = the table's
+    ``Avg low`` / ``Avg high`` interval when present; ``spread`` (``stats.seed_spread``): each seeded
+    method's Avg over seeds (mean, min-max) as a shaded band."""
     data = table.reset_index()
     base = data[data["method"] == "unpruned"]
-    data = data[data["method"] != "unpruned"].assign(avg=lambda d: 100 * d["Avg"])
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    sns.lineplot(data=data, x="tokens", y="avg", hue="method", style="method", markers=True, dashes=False, ax=ax)
+    data = data[data["method"] != "unpruned"]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    palette = dict(zip(data["method"].unique(), sns.color_palette(n_colors=data["method"].nunique())))
+    methods = list(palette)
+    offsets = {m: (i - (len(methods) - 1) / 2) * 0.35 for i, m in enumerate(methods)}  # keep error bars apart
+    for method, group in data.groupby("method", sort=False):
+        group = group.sort_values("tokens")
+        x = group["tokens"] + offsets[method]
+        y = 100 * group["Avg"]
+        if "Avg low" in group:
+            err = [100 * (group["Avg"] - group["Avg low"]), 100 * (group["Avg high"] - group["Avg"])]
+            ax.errorbar(x, y, yerr=err, color=palette[method], marker="o", ms=4, capsize=2, lw=1.3, label=method)
+        else:
+            ax.plot(x, y, color=palette[method], marker="o", ms=4, label=method)
+        if spread is not None and len(spread):
+            band = spread[(spread["method"] == method) & (spread["task"] == "Avg")].sort_values("keep")
+            if len(band):
+                ax.fill_between(band["keep"], 100 * band["min"], 100 * band["max"], color=palette[method], alpha=0.15,
+                                lw=0, label=f"{method}: range over {int(band['seeds'].max())} seeds")
     ax.axhline(100, color="k", lw=1, ls=":", label="unpruned")
     ax.set(xlabel=f"visual tokens kept (of {int(base['tokens'].iloc[0]) if len(base) else '?'})",
-           ylabel="Avg (% of unpruned)", xticks=sorted(data["tokens"].unique()))
+           ylabel="Avg (% of unpruned)", xticks=sorted(data["tokens"].unique()), ylim=(0, None))
     _legend_right(ax)
-    return _stamp(fig, "Accuracy retained after pruning (normalised Avg)", note)
+    bars = "; bars: 95% paired-bootstrap intervals" if "Avg low" in data else ""
+    return _stamp(fig, f"Accuracy retained after pruning (normalised Avg){bars}" + (f" ({questions})" if questions else ""), note)
 
 
-def ablation_bars(table: pd.DataFrame, note: str = "") -> plt.Figure:
-    """Table 5 as bars: Avg (% of unpruned) per selection variant and budget."""
-    data = _categorical_tokens(table.reset_index().assign(avg=lambda d: 100 * d["Avg"]))
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.barplot(data=data, x="tokens", y="avg", hue="variant", ax=ax)
-    for container in ax.containers:
-        ax.bar_label(container, fmt="%.1f", fontsize=7)
-    low = np.nanmin(data["avg"]) if len(data) else 0
-    ax.set(ylim=(max(0, low - 10), None), xlabel="visual tokens kept", ylabel="Avg (% of unpruned)")
+def differences(comparisons: pd.DataFrame, reference: str, note: str = "", questions: str = "",
+                measure: str = "Avg") -> plt.Figure:
+    """Every method's paired difference in ``measure`` to ``reference`` at each budget, with its interval
+    (``comparisons``: long form of method, keep, versus, measure, value, low, high); 0 marked."""
+    data = comparisons[(comparisons["versus"] == reference) & (comparisons["measure"] == measure)].copy()
+    data["label"] = data["method"] + " @ " + data["keep"].astype(int).astype(str)
+    data = data.sort_values(["keep", "method"], ascending=[False, True])
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(data) + 1.6))
+    y = np.arange(len(data))[::-1]
+    significant = (data["low"] > 0) | (data["high"] < 0)
+    for yi, (value, low, high), red in zip(y, data[["value", "low", "high"]].to_numpy(), significant):
+        ax.errorbar(100 * value, yi, xerr=[[100 * (value - low)], [100 * (high - value)]], fmt="o", ms=4, capsize=2,
+                    color="crimson" if red else "grey")
+    ax.axvline(0, color="k", lw=1)
+    ax.set(yticks=y, yticklabels=data["label"], ylabel="method @ visual tokens kept",
+           xlabel=f"{measure} minus {reference}'s ({'points of % of unpruned' if measure == 'Avg' else 'points'})")
+    ax.tick_params(axis="y", labelsize=8)
+    return _stamp(fig, f"Paired difference to {reference} with 95% interval (red: excludes 0)"
+                       + (f" ({questions})" if questions else ""), note)
+
+
+def ablation_bars(table: pd.DataFrame, note: str = "", questions: str = "") -> plt.Figure:
+    """Table 5 as bars from 0: Avg (% of unpruned) per selection variant and budget; error bars = the
+    table's ``Avg low`` / ``Avg high`` interval when present."""
+    data = table.reset_index().sort_values("tokens", ascending=False)
+    variants = list(dict.fromkeys(data["variant"]))
+    budgets = list(dict.fromkeys(data["tokens"]))
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (variant, colour) in enumerate(zip(variants, sns.color_palette(n_colors=len(variants)))):
+        rows = data[data["variant"] == variant].set_index("tokens").reindex(budgets)
+        x = np.arange(len(budgets)) + (i - (len(variants) - 1) / 2) * width
+        err = None
+        if "Avg low" in rows:
+            err = [100 * (rows["Avg"] - rows["Avg low"]), 100 * (rows["Avg high"] - rows["Avg"])]
+        bars = ax.bar(x, 100 * rows["Avg"], width, yerr=err, capsize=2, color=colour, label=variant)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2 if err is None else 8)
+    ax.set(xticks=np.arange(len(budgets)), xticklabels=[str(b) for b in budgets], ylim=(0, None),
+           xlabel="visual tokens kept", ylabel="Avg (% of unpruned)")
     _legend_right(ax)
-    return _stamp(fig, "Ablation of the selection score (Table 5)", note)
+    bars = "; bars: 95% paired-bootstrap intervals" if "Avg low" in data else ""
+    return _stamp(fig, f"Ablation of the selection score (Table 5){bars}" + (f" ({questions})" if questions else ""), note)
 
 
 def sweep(data: pd.DataFrame, x: str, metric: str, reference: float | None = None, reference_label: str = "",
-          note: str = "") -> plt.Figure:
-    """Score against a hyperparameter (paper Fig. 4), log x; optional horizontal reference line."""
+          note: str = "", questions: str = "") -> plt.Figure:
+    """Score against a hyperparameter (paper Fig. 4), log x, y from 0; optional horizontal reference line."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     sns.lineplot(data=data, x=x, y="score", marker="o", ax=ax, label="ZOO-Prune")
     if reference is not None:
         ax.axhline(reference, color="crimson", ls="--", label=reference_label)
     ax.set(xscale="log", xlabel=x, ylabel=metric, ylim=(0, 1.02))
     ax.legend(fontsize=8)
-    return _stamp(fig, f"Effect of {x}", note)
+    return _stamp(fig, f"Effect of {x}" + (f" ({questions})" if questions else ""), note)
 
 
 def speed_bars(data: pd.DataFrame, value: str, label: str, note: str = "") -> plt.Figure:

@@ -1,36 +1,56 @@
 """Stage ``ablation``: Table 5 (sensitivity only, diversity only = DivPrune, sum, multiply = ZOO-Prune)
-at every budget, from the evaluate runs."""
+at every budget, from the evaluate runs, with paired-bootstrap intervals (``results`` params) and the
+bars of Avg from 0 with their intervals."""
 
 from __future__ import annotations
 
 from analysis import figures, stats
 
 from ._common import StageError, need, parser, stage, weights_note, write_json
-from .results import expected_runs, tokens_per_image
+from .results import bootstrap_runs, expected_runs, interval_table, readable_table, tokens_per_image
 
 # method -> (sensitivity, diversity, fusion), the columns of the paper's Table 5
-VARIANTS = {"sensitivity_only": ("yes", "", "-"), "divprune": ("", "yes", "-"),
+VARIANTS = {"sensitivity_only": ("yes", "no", "none"), "divprune": ("no", "yes", "none"),
             "sum_fusion": ("yes", "yes", "sum"), "zoo": ("yes", "yes", "multiply")}
+FLAGS = ("Sensitivity", "Diversity", "Fusion")
 
 
 def main(argv=None) -> None:
     p = parser(__doc__, "ablation", inputs=("runs", "model"))
     args = p.parse_args(argv)
-    with stage("ablation", args, ["ablation", "budgets"], ["out", "metrics", "figures"]) as s:
+    with stage("ablation", args, ["ablation", "budgets", "results"], ["out", "metrics", "figures"]) as s:
         variants = need(s.params["ablation"], "ablation", "variants", list)
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise StageError(f"params ablation.variants has {unknown}; choose from {list(VARIANTS)}")
-        runs = stats.read_runs(args.runs, expected_runs(s.params, variants))
-        table = stats.paper_table(runs, tokens_per_image(args.model), variants).drop(index=stats.UNPRUNED, level="method")
+        res = s.params["results"]
+        options = {"confidence": need(res, "results", "confidence", float), "resamples": need(res, "results", "resamples", int),
+                   "seed": need(res, "results", "seed", int)}
+        expected = expected_runs(s.params, variants)
+        runs = stats.read_runs(args.runs, expected)
+        samples = stats.read_samples(args.runs, [stats.run_name(m, k) for m, k in expected])
+        metrics_of = dict(samples.drop_duplicates("task").sort_values("task")[["task", "metric"]].values)
+        tokens = tokens_per_image(args.model)
+        boot = bootstrap_runs(samples, variants, s.params["budgets"], None, options)
+        table = interval_table(stats.paper_table(runs, tokens, variants), boot, metrics_of, tokens)
+        table = table.drop(index=stats.UNPRUNED, level="method")
         flags = table.index.get_level_values("method").map(VARIANTS)
-        for i, column in enumerate(("Sensitivity", "Diversity", "Fusion")):
+        for i, column in enumerate(FLAGS):
             table.insert(i, column, [f[i] for f in flags])
         table = table.rename_axis(index={"method": "variant"})
+        per_task = sorted(set(samples.groupby("task")["doc_id"].nunique()))
+        n_text = f"{'/'.join(map(str, per_task))} questions per task"
+        shown = readable_table(table.rename_axis(index={"variant": "method"}), metrics_of).rename(columns={"method": "variant"})
+        for i, column in enumerate(FLAGS):
+            shown.insert(2 + i, column, table[column].to_numpy())
         s.out["out"].mkdir(parents=True)
         table.to_csv(s.out["out"] / "table.csv")
-        (s.out["out"] / "table.md").write_text(stats.markdown_table(table))
-        figure = figures.save(figures.ablation_bars(table, weights_note(args.model)), s.out["figures"] / "ablation.png")
+        (s.out["out"] / "table.md").write_text(
+            f"{n_text} per run; [{options['confidence']:.0%} paired-bootstrap interval]; Sensitivity / Diversity: "
+            "whether the score uses the term; Fusion: how the two are combined (none: one term alone).\n\n"
+            + stats.markdown_frame(shown))
+        figure = figures.save(figures.ablation_bars(table, weights_note(args.model), questions=n_text),
+                              s.out["figures"] / "ablation.png")
         metrics = {f"avg/{v}-{t}": float(a) for (t, v), a in table["Avg"].items()}
         write_json(s.out["metrics"], metrics)
         s.log(metrics=metrics, tables={"ablation": table.reset_index()}, images={"ablation": figure})

@@ -6,19 +6,25 @@
 
 Runs ``zoo_prune.evaluation.run_lmms_eval`` (model ``zoo_prune``, answers resumable from
 ``outputs/lmms_cache``) and writes ``--out``: ``results.json`` (lmms-eval's), ``scores.json``
-({task: primary metric}) and ``lmms_eval/`` (its samples and log); ``--metrics``: the scores.
+({task: primary metric}), ``samples.csv`` (per question: task, doc_id, question, target, prediction,
+correct, metric; the results stage's paired statistics read it), ``run.json`` (method, keep, seed,
+options, questions per task) and ``lmms_eval/`` (its samples and log); ``--metrics``: the scores.
+``--seed S`` overrides the method's seed (``zoo.seed`` / ``baselines.seed``): run ``<method>-<keep>-seed<S>``.
+W&B: config keys ``method``, ``keep``, ``seed``; summary ``score/<task>``, ``score/mean``; a table of
+``wandb.samples`` questions per task (image with the kept tokens, question, answer, prediction, correct).
 Profile ``paper``: every model of ``paper.models`` at its own budget of the same level
 (``budgets[i]`` -> ``paper.models.<model>.budgets[i]``), the paper's tasks, ``paper.device``.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
+
+import pandas as pd
 
 from analysis import stats
 
-from ._common import StageError, need, parser, stage, write_json
+from ._common import StageError, load_params, need, parser, stage, write_json
 
 UNPRUNED = stats.UNPRUNED
 
@@ -86,6 +92,72 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
     return found
 
 
+def with_seed(params: dict, seed: int | None) -> dict:
+    """``params`` with ``seed`` as every method's seed (``zoo.seed``, ``baselines.seed``); unchanged when None."""
+    if seed is None:
+        return params
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise StageError(f"--seed {seed!r} must be an int >= 0")
+    return {**params, **{k: {**params[k], "seed": seed} for k in ("zoo", "baselines") if k in params}}
+
+
+def run_info(method: str, keep, params: dict, samples: pd.DataFrame) -> dict:
+    """What the run was (method, keep, the seed it used or None, its options) and on how many questions per task."""
+    options = {} if method == UNPRUNED else method_options(method, params)
+    return {"method": method, "keep": keep, "seed": options.get("seed"), "options": options,
+            "questions": {t: int(n) for t, n in samples.groupby("task").size().items()}}
+
+
+def log_to_wandb(s, info: dict, scores: dict, samples: pd.DataFrame, args) -> None:
+    """W&B: ``method``, ``keep``, ``seed`` as config (a dashboard groups by them), scores under ``score/``,
+    and for the testbed a table of ``wandb.samples`` questions per task with the kept tokens drawn."""
+    run = s.tracker.run
+    if run is None:
+        return
+    import wandb
+
+    run.config.update({"method": info["method"], "keep": info["keep"], "seed": info["seed"]}, allow_val_change=True)
+    run.summary.update({f"score/{t}": v for t, v in scores.items()} | {"score/mean": sum(scores.values()) / len(scores)}
+                       | {f"questions/{t}": n for t, n in info["questions"].items()})
+    per_task = load_params(args.params).get("wandb", {}).get("samples", 0)
+    if s.profile != "testbed" or not per_task or samples.empty:
+        return
+    table = wandb.Table(columns=["task", "doc_id", "image", "question", "answer", "prediction", "correct", "kept"])
+    for row in sample_rows(args.model, args.data, info, samples, per_task):
+        table.add_data(row["task"], row["doc_id"], wandb.Image(row["view"], caption=row["caption"]), row["question"],
+                       row["target"], row["prediction"], row["correct"], row["kept"])
+    run.log({"table/samples": table})
+
+
+def sample_rows(model_dir, data_dir, info: dict, samples: pd.DataFrame, per_task: int) -> list[dict]:
+    """The first ``per_task`` questions of each testbed task with the image, pruned tokens dimmed: the kept
+    tokens recomputed with ``zoo_prune.apply_pruning`` (``handle.kept_indices``) on the testbed model."""
+    from zoo_prune.demo import highlight, token_views
+
+    from ._common import load_model, load_rows
+    from .sensitivity import kept_and_answer, projector_io
+
+    model, processor = load_model(model_dir)
+    rows = []
+    for task, group in samples.groupby("task", sort=True):
+        family = task.removeprefix("testbed_")
+        chosen = group.nsmallest(per_task, "doc_id")
+        questions = load_rows(data_dir, family, int(chosen["doc_id"].max()) + 1)
+        for sample in chosen.itertuples():
+            image = questions[int(sample.doc_id)]["image"]
+            inputs, _ = projector_io(model, processor, image, questions[int(sample.doc_id)]["question"])
+            kept, mask = None, None
+            if info["method"] != UNPRUNED:
+                kept, _ = kept_and_answer(model, processor, inputs, info["method"], info["keep"], info["options"])
+            [(_, view, mask)] = token_views(model, processor, image, inputs, kept)
+            shown = int(mask.sum()) if mask is not None else None
+            rows.append({"task": task, "doc_id": int(sample.doc_id), "view": highlight(view, mask), "question": sample.question,
+                         "target": sample.target, "prediction": sample.prediction, "correct": bool(sample.correct),
+                         "kept": shown, "caption": "all tokens" if kept is None else (f"{shown} tokens kept (pruned dimmed)" if shown is not None
+                                                                       else "kept tokens not drawable (LLM-stage)")})
+    return rows
+
+
 def check_run(method: str, keep, params: dict) -> None:
     from zoo_prune import available_methods
 
@@ -101,28 +173,37 @@ def main(argv=None) -> None:
     p.add_argument("--keep", type=int, help="visual tokens kept (one of params budgets)")
     p.add_argument("--out", help="output folder (default outputs/evaluate/<method>-<keep>)")
     p.add_argument("--metrics", help="metrics JSON (default outputs/metrics/evaluate/<method>-<keep>.json)")
+    p.add_argument("--seed", type=int, help="the method's seed instead of params zoo.seed / baselines.seed")
+    p.add_argument("--data", default="data/testbed", help="testbed data (images of the W&B per-sample table)")
     p.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands; run and write nothing")
     args = p.parse_args(argv)
     if args.dry_run:
         return dry_run(args)
     if not args.method:
         p.error("--method is required (except with --dry-run)")
-    name = UNPRUNED if args.method == UNPRUNED else f"{args.method}-{args.keep}"
+    name = stats.run_name(args.method, args.keep, args.seed)
     args.out = args.out or f"outputs/evaluate/{name}"
     args.metrics = args.metrics or f"outputs/metrics/evaluate/{name}.json"
     with stage(f"evaluate/{name}", args, sections_for(args.method), ["out", "metrics"], testbed_only=False) as s:
         from zoo_prune.evaluation import run_lmms_eval
 
         check_run(args.method, args.keep, s.params)
-        scores = {}
-        for run in runs(args.method, args.keep, s.params, s.profile, args.model, s.out["out"]):
+        params = with_seed(s.params, args.seed)
+        scores, samples = {}, []
+        for run in runs(args.method, args.keep, params, s.profile, args.model, s.out["out"]):
             results = run_lmms_eval(**run)
             prefix = "" if s.profile == "testbed" else run["output_dir"].rsplit("/", 1)[1] + "/"
             scores |= {prefix + task: score for task, score in stats.task_scores(results).items()}
             shutil.copy(results["results_path"], f"{run['output_dir']}/results.json")
+            samples.append(stats.lmms_samples(run["output_dir"], results).assign(task=lambda d: prefix + d["task"]))
         write_json(s.out["out"] / "scores.json", scores)
         write_json(s.out["metrics"], scores)
+        samples = pd.concat(samples, ignore_index=True)
+        samples.to_csv(s.out["out"] / "samples.csv", index=False)
+        info = run_info(args.method, args.keep, params, samples)
+        write_json(s.out["out"] / "run.json", info)
         s.log(metrics=scores)
+        log_to_wandb(s, info, scores, samples, args)
 
 
 def dry_run(args) -> None:

@@ -72,6 +72,30 @@ def write_scores(folder: Path, runs: dict[str, dict[str, float]]) -> None:
         (folder / name / "scores.json").write_text(json.dumps(scores))
 
 
+def write_runs(folder: Path, runs: dict[str, dict[str, tuple[list[str], list[str]]]]) -> None:
+    """Hand-made evaluate runs with per-question answers: ``{"zoo-48": {task: (targets, predictions)}}`` ->
+    ``folder/zoo-48/{samples.csv, scores.json, run.json}``; scores by ``zoo_prune.testbed.evaluate.score``
+    (what the testbed's lmms-eval tasks report), F1 of "yes" for existence, accuracy otherwise."""
+    import csv
+
+    from zoo_prune.testbed.evaluate import score
+
+    for name, tasks in runs.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        with open(folder / name / "samples.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["task", "doc_id", "question", "target", "prediction", "correct", "metric"])
+            for task, (targets, predictions) in tasks.items():
+                metric = "f1" if task.endswith("existence") else "accuracy"
+                for i, (t, p) in enumerate(zip(targets, predictions)):
+                    writer.writerow([task, i, f"question {i}?", t, p, t == p, metric])
+        scores = {task: score(task.removeprefix("testbed_"), predictions, targets)
+                  for task, (targets, predictions) in tasks.items()}
+        (folder / name / "scores.json").write_text(json.dumps(scores))
+        seed = int(name.rsplit("seed", 1)[1]) if "-seed" in name else 0
+        (folder / name / "run.json").write_text(json.dumps({"seed": seed}))
+
+
 def offline_runs(wandb_dir: Path) -> list[dict]:
     """Every offline W&B run under ``wandb_dir/wandb``: job_type, group, config, summary keys, logged images."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -82,7 +106,8 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
         [log] = folder.glob("run-*.wandb")
         store = DataStore()
         store.open_for_scan(str(log))
-        run = {"summary": set(), "images": sorted((folder / "files" / "media" / "images").glob("**/*.png"))}
+        run = {"summary": set(), "images": sorted((folder / "files" / "media" / "images").glob("**/*.png")),
+               "config_updates": {}, "tables": {}}
         while (data := store.scan_data()) is not None:
             record = pb.Record()
             record.ParseFromString(data)
@@ -92,5 +117,9 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
                         "config": {i.key: json.loads(i.value_json) for i in record.run.config.update}}
             elif kind == "summary":
                 run["summary"] |= {i.key or "/".join(i.nested_key) for i in record.summary.update}
+            elif kind == "config":
+                run["config_updates"] |= {i.key: json.loads(i.value_json) for i in record.config.update}
+            elif kind == "artifact" and record.artifact.type == "run_table":  # a logged wandb.Table: its files
+                run["tables"][record.artifact.name] = [entry.path for entry in record.artifact.manifest.contents]
         runs.append(run)
     return runs
