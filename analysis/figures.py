@@ -87,16 +87,18 @@ def overlay_grid(rows: list[dict], note: str = "") -> plt.Figure:
     return _stamp(fig, "Kept visual tokens: DivPrune vs ZOO-Prune (pruned tokens dimmed)", note)
 
 
-def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "") -> plt.Figure:
-    """KDE of per-sample Spearman rho (paper Fig. 2), one curve per task, mean rho annotated."""
+def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "", noise: dict | None = None) -> plt.Figure:
+    """KDE of per-sample Spearman rho (paper Fig. 2), one curve per task, mean rho and number of images
+    annotated; ``noise`` ({task: mean rho between two draws of a sampled form}) beside it."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     data = rhos.dropna(subset=["rho"])
     sns.kdeplot(data=data, x="rho", hue="task", fill=True, common_norm=False, cut=0, ax=ax, warn_singular=False)
     for i, (task, group) in enumerate(data.groupby("task", sort=False)):
         mean = group["rho"].mean()
         ax.axvline(mean, color=sns.color_palette()[i], ls="--")
-        ax.annotate(f"{task}: mean rho = {mean:.2f} (n={len(group)})", xy=(0.02, 0.92 - 0.08 * i), xycoords="axes fraction",
-                    color=sns.color_palette()[i], fontsize=9)
+        extra = f"; estimator noise: rho between two draws {noise[task]:.2f}" if noise and task in noise else ""
+        ax.annotate(f"{task}: mean rho = {mean:.2f} (n={len(group)} images{extra})", xy=(0.02, 0.92 - 0.08 * i),
+                    xycoords="axes fraction", color=sns.color_palette()[i], fontsize=9)
     ax.set(xlim=(-1, 1), xlabel="Spearman rho, encoder vs projector token sensitivity", ylabel="density")
     return _stamp(fig, f"Projector as a proxy for the encoder: encoder side by the {form} form, tokens with "
                        f"normalised projector sensitivity >= {threshold}", note)

@@ -38,14 +38,19 @@ def minmax(scores) -> np.ndarray:
     return normalize_sensitivity(torch.as_tensor(np.asarray(scores, dtype=np.float64))).numpy()
 
 
-def proxy_rho(projector, encoder, threshold: float = 0.5) -> tuple[float, int]:
-    """(rho, tokens kept): Spearman of projector vs encoder sensitivities over the tokens whose
-    min-max normalised projector sensitivity is >= ``threshold`` (method.md section 5)."""
+def proxy_mask(projector, threshold: float = 0.5) -> np.ndarray:
+    """The tokens whose min-max normalised projector sensitivity is >= ``threshold`` (method.md section 5)."""
     if not 0 <= threshold < 1:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-    projector, encoder = minmax(projector), minmax(encoder)
-    keep = projector >= threshold
-    return spearman(projector[keep], encoder[keep]), int(keep.sum())
+    return minmax(projector) >= threshold
+
+
+def proxy_rho(projector, encoder, threshold: float = 0.5) -> tuple[float, int]:
+    """(rho, tokens kept): Spearman of projector vs encoder sensitivities over the tokens whose
+    min-max normalised projector sensitivity is >= ``threshold`` (method.md section 5). The encoder's
+    min-max normalisation is monotone, so rho uses its raw values: tokens outside the mask may be NaN."""
+    keep = proxy_mask(projector, threshold)
+    return spearman(np.asarray(projector, dtype=float)[keep], np.asarray(encoder, dtype=float)[keep]), int(keep.sum())
 
 
 def agreement(samples: dict[str, list]) -> pd.DataFrame:

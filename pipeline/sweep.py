@@ -24,6 +24,14 @@ def score(model: str, task: str, limit, output_dir, batch_size: int = 1, **optio
     return stats.task_scores(results)[task]
 
 
+def questions_of(out, task: str) -> int:
+    """Questions each sweep point was scored on (lmms-eval's ``n-samples`` of its first run)."""
+    import json
+
+    path = next(iter(sorted(out.glob("*/**/*_results.json"))))
+    return int(json.loads(path.read_text())["n-samples"][task]["effective"])
+
+
 def main(argv=None) -> None:
     p = parser(__doc__, inputs=("model",))
     p.add_argument("--over", choices=tuple(FIXED), required=True)
@@ -45,6 +53,8 @@ def main(argv=None) -> None:
         rows = [{args.over: value, "score": score(args.model, task, limit, out / f"{args.over}={value}",
                                                   **fixed, **{args.over: value})} for value in grid]
         data = pd.DataFrame(rows)
+        questions = questions_of(out, task)
+        data["questions"] = questions
         reference = None
         if args.over == "m":  # h -> 0, m -> infinity: the deterministic closed form
             reference = score(args.model, task, limit, out / "closed_form", keep=keep, seed=zoo["seed"],
@@ -52,7 +62,8 @@ def main(argv=None) -> None:
         data.to_csv(out / "sweep.csv", index=False)
         metric = "F1" if "existence" in task else "accuracy"
         figure = figures.save(figures.sweep(data, args.over, f"{task} {metric} at {keep} tokens", reference,
-                                            "closed form (m -> inf)", weights_note(args.model)),
+                                            "closed form (m -> inf)", weights_note(args.model),
+                                            questions=f"{questions} test questions per point"),
                               s.out["figures"] / f"{name}.png")
         metrics = {f"score/{args.over}={v}": float(x) for v, x in zip(data[args.over], data["score"])}
         if reference is not None:
