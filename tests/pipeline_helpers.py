@@ -17,7 +17,7 @@ def small_params(**overrides) -> dict:
     params["wandb"]["group"] = "pytest"
     params["budgets"] = [48, 16]
     params["sensitivity"].update(samples=3, overlay_samples=1)
-    params["proxy"].update(samples=3, directions=2)
+    params["proxy"].update(samples=3, directions=2, exact_samples=1)
     params["zoo"]["m"] = 8
     params["evaluate"].update(limit=1, zoo_methods=["zoo", "sum_fusion", "sensitivity_only"], baselines=["divprune"])
     params["efficiency"].update(samples=1, repeats=1, new_tokens=2, layer_tokens=[8])
@@ -63,13 +63,6 @@ def stage_paths(root: Path, stage: str, model: bool = True, data: bool = True) -
     if data:
         paths["data"] = root / "data" / "testbed"
     return paths
-
-
-def write_scores(folder: Path, runs: dict[str, dict[str, float]]) -> None:
-    """Hand-made evaluate runs: ``{"zoo-48": {task: score}}`` -> ``folder/zoo-48/scores.json``."""
-    for name, scores in runs.items():
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        (folder / name / "scores.json").write_text(json.dumps(scores))
 
 
 def write_runs(folder: Path, runs: dict[str, dict[str, tuple[list[str], list[str]]]]) -> None:

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from pipeline import ablation, proxy, results, sensitivity
-from pipeline_helpers import ROOT, make_workspace, run_stage, small_params, stage_paths, write_scores
+from pipeline_helpers import ROOT, make_workspace, run_stage, small_params, stage_paths, write_runs
 
-NOTEBOOKS = {"sensitivity": 3, "proxy_analysis": 1, "results": 2}  # figures each must show on this fixture
+NOTEBOOKS = {"sensitivity": 3, "proxy_analysis": 1, "results": 4}  # figures each must show on this fixture
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,11 @@ def outputs(tmp_path_factory):
             run_stage(module, root, **stage_paths(root, name))
         params = small_params()
         methods = params["evaluate"]["zoo_methods"] + params["evaluate"]["baselines"]
-        scores = {"unpruned": {"testbed_attribute": 0.8}} | {f"{m}-{k}": {"testbed_attribute": 0.6}
-                                                             for m in methods for k in params["budgets"]}
-        write_scores(root / "outputs" / "evaluate", scores)
+        targets = ["red"] * 5
+        answers = {"unpruned": ["red"] * 5} | {f"{m}-{k}": ["red"] * 3 + ["blue"] * 2
+                                                          for m in methods for k in params["budgets"]}
+        answers |= {f"zoo-{k}-seed{s}": ["red"] * 2 + ["blue"] * 3 for k in params["budgets"] for s in params["evaluate"]["seeds"]}
+        write_runs(root / "outputs" / "evaluate", {name: {"testbed_attribute": (targets, a)} for name, a in answers.items()})
         for module, name in ((results, "results"), (ablation, "ablation")):
             run_stage(module, root, runs=root / "outputs" / "evaluate", **stage_paths(root, name, data=False))
     return root / "outputs"

@@ -13,7 +13,7 @@ from analysis import flops, stats
 from pipeline import ablation, efficiency, evaluate, proxy, results, sensitivity
 from pipeline.train import carry_card
 from pipeline_helpers import (ROOT, TASKS, make_workspace, offline_runs, run_stage, small_params, stage_paths, write_params,
-                              write_scores)
+                              write_runs)
 
 
 @pytest.fixture(scope="module")
@@ -178,38 +178,94 @@ def test_missing_input_and_failure_midway_leave_nothing(workspace, wandb_disable
 def test_evaluate_stage_runs_lmms_eval_and_writes_scores(workspace, wandb_offline, monkeypatch):
     monkeypatch.chdir(workspace)  # the task YAMLs read data/testbed relative to the working directory
     out, metrics = workspace / "outputs/evaluate/zoo-16", workspace / "outputs/metrics/evaluate/zoo-16.json"
-    run_stage(evaluate, workspace, "--method", "zoo", "--keep", "16", model=workspace / "model", out=out, metrics=metrics)
+    run_stage(evaluate, workspace, "--method", "zoo", "--keep", "16", model=workspace / "model", out=out, metrics=metrics,
+              data=workspace / "data" / "testbed")
     scores = yaml.safe_load((out / "scores.json").read_text())
     assert sorted(scores) == sorted(TASKS) and all(0 <= s <= 1 for s in scores.values())
     assert (out / "lmms_eval" / "results.json").exists() and yaml.safe_load(metrics.read_text()) == scores
+    per_question = pd.read_csv(out / "samples.csv", keep_default_na=False)  # limit 1: one question per task
+    assert sorted(per_question["task"]) == sorted(TASKS) and per_question["doc_id"].eq(0).all()
+    assert (per_question["correct"] == (per_question["prediction"] == per_question["target"])).all()
+    from zoo_prune.testbed.evaluate import score
+
+    for row in per_question.itertuples():  # lmms-eval's score of one question, recomputed from its row
+        assert scores[row.task] == score(row.task.removeprefix("testbed_"), [row.prediction], [row.target])
+    assert yaml.safe_load((out / "run.json").read_text())["seed"] == 0
     [run] = offline_runs(wandb_offline)
-    assert run["job_type"] == "evaluate" and run["config"]["zoo"]["m"] == 8 and "testbed_existence" in run["summary"]
+    assert run["job_type"] == "evaluate" and run["config"]["zoo"]["m"] == 8 and "score/testbed_existence" in run["summary"]
+    assert {k: run["config_updates"][k] for k in ("method", "keep", "seed")} == {"method": "zoo", "keep": 16, "seed": 0}
+    [table] = run["tables"].values()  # image per row: the pruned tokens dimmed
+    assert sum(path.endswith(".png") for path in table) == len(TASKS) and any(p.endswith("table.json") for p in table)
     with pytest.raises(SystemExit, match="--keep 17 is not one of params budgets"):
         run_stage(evaluate, workspace, "--method", "zoo", "--keep", "17", model=workspace / "model",
                   out=workspace / "outputs/evaluate/zoo-17", metrics=workspace / "outputs/metrics/zoo-17.json")
     assert not (workspace / "outputs/evaluate/zoo-17").exists()
 
 
+def hand_made_runs(params: dict) -> dict:
+    """Every run results and ablation read, answers by hand: attribute (5 questions, target "red") right on
+    all for unpruned, on 2 for every method (questions 0-1; DivPrune 2-3), on 3 and 1 for ZOO-Prune's extra
+    seeds; existence (F1) 1 for unpruned (every answer right, so 1 on every resample too), 0.5 for every
+    other run (tp 1, predicted 2, actual 2)."""
+    methods = params["evaluate"]["zoo_methods"] + params["evaluate"]["baselines"]
+    existence = (["yes", "yes", "no", "no", "no"], ["yes", "no", "yes", "no", "no"])
+
+    def attribute(right):
+        return ["red"] * 5, ["red" if i in right else "blue" for i in range(5)]
+
+    runs = {"unpruned": {"testbed_attribute": attribute({0, 1, 2, 3, 4}), "testbed_existence": (existence[0], existence[0])}}
+    for k in params["budgets"]:
+        runs |= {f"{m}-{k}": {"testbed_attribute": attribute({2, 3} if m == "divprune" else {0, 1}),
+                              "testbed_existence": existence} for m in methods}
+        runs |= {f"zoo-{k}-seed{s}": {"testbed_attribute": attribute(right), "testbed_existence": existence}
+                 for s, right in zip(params["evaluate"]["seeds"], ({0, 1, 2}, {0}))}
+    return runs
+
+
 def test_results_and_ablation_tables_from_the_runs(workspace, wandb_disabled, tmp_path):
     params = small_params()
     methods = params["evaluate"]["zoo_methods"] + params["evaluate"]["baselines"]
-    runs = {"unpruned": {"testbed_attribute": 0.8, "testbed_existence": 0.5}}
-    runs |= {f"{m}-{k}": {"testbed_attribute": 0.4, "testbed_existence": 0.5} for m in methods for k in params["budgets"]}
-    write_scores(tmp_path / "evaluate", runs)
+    write_runs(tmp_path / "evaluate", hand_made_runs(params))
     paths = stage_paths(tmp_path, "results", data=False) | {"model": workspace / "model"}
     run_stage(results, workspace, runs=tmp_path / "evaluate", **paths)
     table = pd.read_csv(paths["out"] / "table.csv")
     assert len(table) == 1 + len(methods) * len(params["budgets"])
-    assert table["Avg"].iloc[1:].eq(0.75).all() and "| 48 | zoo | 66.7 |" in (paths["out"] / "table.md").read_text()
+    assert table["Avg"].iloc[1:].eq((0.4 + 0.5) / 2).all() and table["questions"].eq(10).all()
+    assert (table["Avg low"] <= table["Avg"]).all() and (table["Avg"] <= table["Avg high"]).all()
+    markdown = {name: (paths["out"] / f"{name}.md").read_text() for name in ("table", "comparisons", "mcnemar", "seeds")}
+    assert "| 48 | zoo | 66.7 | 40.0 [" in markdown["table"] and "5 test questions per task" in markdown["table"]
+    assert not [name for name, text in markdown.items() if "nan" in text.lower() or "Unnamed" in text]
+    mcnemar = pd.read_csv(paths["out"] / "mcnemar.csv").set_index(["tokens", "task"])
+    row = mcnemar.loc[(48, "testbed_attribute")]  # zoo right only on 0-1, divprune only on 2-3: b = c = 2
+    assert (row["only zoo correct"], row["only divprune correct"], row["p (McNemar exact)"]) == (2, 2, 1.0)
+    assert mcnemar.loc[(48, "testbed_existence"), "test"] == "paired bootstrap of F1" and not mcnemar["significant"].any()
+    comparisons = pd.read_csv(paths["out"] / "comparisons.csv")
+    same = comparisons[(comparisons.method == "zoo") & (comparisons.versus == "divprune") & (comparisons.measure == "Mean")]
+    assert same["value"].eq(0).all() and (same["low"] <= 0).all() and (same["high"] >= 0).all()
+    seeds = pd.read_csv(paths["out"] / "seeds.csv").set_index(["method", "keep", "task"])
+    assert seeds.loc[("zoo", 16, "testbed_attribute"), ["seeds", "mean", "sd"]].tolist() == pytest.approx([3, 0.4, 0.2])
+    assert {p.name for p in paths["figures"].glob("*.png")} == {"avg_vs_tokens.png", "differences.png"}
     paths = stage_paths(tmp_path, "ablation", data=False) | {"model": workspace / "model"}
     run_stage(ablation, workspace, runs=tmp_path / "evaluate", **paths)
     table = pd.read_csv(paths["out"] / "table.csv")
     assert list(table.loc[table.tokens == 48, "variant"]) == ["sensitivity_only", "divprune", "sum_fusion", "zoo"]
-    assert list(table.loc[table.tokens == 48, "Fusion"]) == ["-", "-", "sum", "multiply"]
+    assert list(table.loc[table.tokens == 48, "Fusion"]) == ["none", "none", "sum", "multiply"]
+    assert list(table.loc[table.tokens == 48, "Diversity"]) == ["no", "yes", "yes", "yes"]
+    assert "nan" not in (paths["out"] / "table.md").read_text().lower()
     (tmp_path / "evaluate" / "zoo-16" / "scores.json").unlink()
     with pytest.raises(SystemExit, match=r"missing .*\['zoo-16'\]"):
         run_stage(ablation, workspace, runs=tmp_path / "evaluate", **paths | {"out": tmp_path / "again"})
     assert not (tmp_path / "again").exists()
+
+
+def test_results_name_a_run_without_per_sample_table(workspace, wandb_disabled, tmp_path):
+    params = small_params()
+    write_runs(tmp_path / "evaluate", hand_made_runs(params))
+    (tmp_path / "evaluate" / "zoo-16-seed2" / "samples.csv").unlink()
+    paths = stage_paths(tmp_path, "results", data=False) | {"model": workspace / "model"}
+    with pytest.raises(SystemExit, match=r"samples.csv.*\['zoo-16-seed2'\]"):
+        run_stage(results, workspace, runs=tmp_path / "evaluate", **paths)
+    assert not paths["out"].exists() and not leftovers(tmp_path)
 
 
 def test_efficiency_stage_measures_every_method_and_checks_app_d(workspace, wandb_disabled):
@@ -268,7 +324,10 @@ def test_train_stage_keeps_the_model_card_only_for_the_same_training_config(tmp_
 def test_dvc_yaml_declares_what_each_stage_reads():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     reads_h = {name for name, s in dvc.items() if any(p in ("zoo", "zoo.h") for p in s.get("params", []))}
-    assert reads_h == {"sensitivity", "proxy", "evaluate_zoo", "sweep_m"}  # what `dvc exp run -S zoo.h=...` reruns
+    assert reads_h == {"sensitivity", "proxy", "evaluate_zoo", "evaluate_seeds", "sweep_m"}  # `dvc exp run -S zoo.h=...` reruns these
+    assert dvc["evaluate_seeds"]["matrix"]["seed"] == "${evaluate.seeds}" and "results" in dvc["results"]["params"]
+    assert all(plot[name].get("template") == "log_x" for plot in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+               if isinstance(plot, dict) for name in plot)
     assert "zoo.h" not in dvc["sweep_h"]["params"] and "zoo.m" not in dvc["sweep_m"]["params"]
     for name, s in dvc.items():
         module = re.match(r"python -m pipeline\.(\w+)", s["cmd"]).group(1)

@@ -134,6 +134,8 @@ def test_lmms_samples_reads_the_testbed_metric_entries(tmp_path):
 
 def test_exact_encoder_norms_match_a_float64_autograd_jacobian():
     """encoder_exact (float32 JVPs) against ||dZ/dx_i||_F from torch.autograd.functional.jacobian in float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from pipeline.proxy import encoder_backward, encoder_exact, vision_side
     from zoo_prune.testbed.model import TestbedConfig, build_model
 
@@ -151,7 +153,8 @@ def test_exact_encoder_norms_match_a_float64_autograd_jacobian():
             x = x64.clone()
             x[0, 1 + i] = row
             return vision_side(double, x)
-        jacobian = torch.autograd.functional.jacobian(side, x64[0, 1 + i])
+        with sdpa_kernel(SDPBackend.MATH):  # one column per input dimension (16), forward mode, float64
+            jacobian = torch.autograd.functional.jacobian(side, x64[0, 1 + i], strategy="forward-mode", vectorize=True)
         assert exact[i].item() == pytest.approx(jacobian.norm().item(), rel=1e-4)
     sampled = encoder_backward(model, embeds, q=256, seed=0)  # the sampled form estimates the same norms
     assert sampled[chosen].numpy() == pytest.approx(exact[chosen].numpy(), rel=0.25)
