@@ -35,7 +35,7 @@ COLUMNS = {
     "h": ("h (finite-difference step)", str), "m": ("m (directions)", str),
     "score": ("score (%: F1 for existence, else accuracy)", _percent), "questions": ("questions", str),
     "method": ("method", str), "model": ("model", str), "tokens": ("visual tokens", str),
-    "prefill_ms": ("prefill (ms, median)", _fixed(1)), "e2e_ms": ("prefill + new tokens (ms, median)", _fixed(1)),
+    "prefill_ms": ("prefill (ms)", _fixed(1)), "e2e_ms": ("prefill + new tokens (ms)", _fixed(1)),
     "text_tokens": ("text tokens", str), "gflops": ("GFLOPs (prefill, analytic)", _fixed(3)),
     "gflops_pruning": ("GFLOPs of the pruning step", _fixed(3)),
     "tflops": ("TFLOPs (prefill, formula)", _fixed(2)), "tflops_llm_visual_only": ("TFLOPs (LLM over visual tokens)", _fixed(2)),
@@ -81,8 +81,7 @@ def sections(params: dict, metrics: dict) -> list[dict]:
                     "Avg = mean over tasks of score / unpruned score (the paper's normalised average), Mean = plain mean "
                     "of the task scores.",
          "tables": ["results/table.md"], "csv": ["results/table.csv"], "figures": ["results/avg_vs_tokens.png"]},
-        {"title": "Paired differences to unpruned and to the reference",
-         "caption": "Method minus unpruned / the reference at the same budget, in percentage points, on the same questions.",
+        {"title": "Paired differences to unpruned and to the reference", "caption": "",
          "tables": ["results/comparisons.md"], "csv": ["results/comparisons.csv"], "figures": ["results/differences.png"]},
         {"title": "Significance: McNemar's exact test per task and budget", "caption": "",
          "tables": ["results/mcnemar.md"], "csv": ["results/mcnemar.csv"], "figures": []},
@@ -109,8 +108,8 @@ def sections(params: dict, metrics: dict) -> list[dict]:
          "caption": f"{sens.get('overlay_samples', '?')} test images; pruned tokens dimmed.", "tables": [],
          "figures": ["sensitivity/overlays.png"]},
         {"title": "Efficiency on the testbed, measured (Fig. 5)",
-         "caption": f"Median over {eff.get('repeats', '?')} repeats of the mean over {eff.get('samples', '?')} test images; "
-                    f"CPU; end to end = prefill + {eff.get('new_tokens', '?')} greedy tokens.",
+         "caption": f"Milliseconds per image on this CPU: median of {eff.get('repeats', '?')} repeats per image, mean over "
+                    f"{eff.get('samples', '?')} test images; prefill + new tokens = {eff.get('new_tokens', '?')} greedy tokens.",
          "tables": ["efficiency/testbed.csv"], "figures": ["efficiency/prefill.png", "efficiency/e2e.png"]},
         {"title": "Paper models: FLOPs by formula (Fig. A, App. D check)",
          "caption": "Analytic (FastV's convention), not measured; App. D's value where the paper gives one.",

@@ -147,7 +147,7 @@ def mcnemar_tables(samples: pd.DataFrame, pair: list[str], budgets: list[int], o
                          "test": "paired bootstrap of F1" if f1 else "McNemar exact", "significant": bool(significant)})
     data = pd.DataFrame(rows)
     shown = pd.DataFrame({
-        "tokens": data["tokens"], "task": data["task"], "questions": data["questions"],
+        "tokens": data["tokens"], "task": data["task"].str.removeprefix("testbed_"), "questions": data["questions"],
         f"{a} - {b} (points)": [stats.interval(v, lo, hi, signed=True) for v, lo, hi in
                                 zip(data["difference"], data["difference low"], data["difference high"])],
         f"only {a} right": data[f"only {a} correct"], f"only {b} right": data[f"only {b} correct"],
