@@ -173,7 +173,7 @@ def ablation_bars(table: pd.DataFrame, note: str = "", questions: str = "") -> p
         if "Avg low" in rows:
             err = [100 * (rows["Avg"] - rows["Avg low"]), 100 * (rows["Avg high"] - rows["Avg"])]
         bars = ax.bar(x, 100 * rows["Avg"], width, yerr=err, capsize=2, color=colour, label=variant)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2 if err is None else 8)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, label_type="center", color="white")
     ax.set(xticks=np.arange(len(budgets)), xticklabels=[str(b) for b in budgets], ylim=(0, None),
            xlabel="visual tokens kept", ylabel="Avg (% of unpruned)")
     _legend_right(ax)
