@@ -132,29 +132,35 @@ def log_to_wandb(s, info: dict, scores: dict, samples: pd.DataFrame, args) -> No
 def sample_rows(model_dir, data_dir, info: dict, samples: pd.DataFrame, per_task: int) -> list[dict]:
     """The first ``per_task`` questions of each testbed task with the image, pruned tokens dimmed: the kept
     tokens recomputed with ``zoo_prune.apply_pruning`` (``handle.kept_indices``) on the testbed model."""
+    import torch
+
+    from zoo_prune import apply_pruning, method_class
     from zoo_prune.demo import highlight, token_views
+    from zoo_prune.tiny import chat_prompt
 
     from ._common import load_model, load_rows
-    from .sensitivity import kept_and_answer, projector_io
 
     model, processor = load_model(model_dir)
     rows = []
     for task, group in samples.groupby("task", sort=True):
-        family = task.removeprefix("testbed_")
         chosen = group.nsmallest(per_task, "doc_id")
-        questions = load_rows(data_dir, family, int(chosen["doc_id"].max()) + 1)
+        questions = load_rows(data_dir, task.removeprefix("testbed_"), int(chosen["doc_id"].max()) + 1)
         for sample in chosen.itertuples():
-            image = questions[int(sample.doc_id)]["image"]
-            inputs, _ = projector_io(model, processor, image, questions[int(sample.doc_id)]["question"])
-            kept, mask = None, None
+            question = questions[int(sample.doc_id)]
+            inputs = processor(images=question["image"], text=chat_prompt(processor, question["question"]), return_tensors="pt")
+            kept, kind = None, "projector"
             if info["method"] != UNPRUNED:
-                kept, _ = kept_and_answer(model, processor, inputs, info["method"], info["keep"], info["options"])
-            [(_, view, mask)] = token_views(model, processor, image, inputs, kept)
+                kind = method_class(info["method"]).kind
+                with torch.no_grad(), apply_pruning(model, info["method"], keep=info["keep"], **info["options"]) as handle:
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                    kept = handle.kept_indices[0]
+            [(_, view, mask)] = token_views(model, processor, question["image"], inputs, kept, kind)
             shown = int(mask.sum()) if mask is not None else None
+            caption = ("all tokens" if kept is None else f"{shown} tokens kept (pruned dimmed)" if shown is not None
+                       else "kept tokens not drawable (pruned inside the language model)")
             rows.append({"task": task, "doc_id": int(sample.doc_id), "view": highlight(view, mask), "question": sample.question,
                          "target": sample.target, "prediction": sample.prediction, "correct": bool(sample.correct),
-                         "kept": shown, "caption": "all tokens" if kept is None else (f"{shown} tokens kept (pruned dimmed)" if shown is not None
-                                                                       else "kept tokens not drawable (LLM-stage)")})
+                         "kept": shown, "caption": caption})
     return rows
 
 
