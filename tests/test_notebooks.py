@@ -7,7 +7,7 @@ import pytest
 from pipeline import ablation, proxy, results, sensitivity
 from pipeline_helpers import ROOT, make_workspace, run_stage, small_params, stage_paths, write_runs
 
-NOTEBOOKS = {"sensitivity": 3, "proxy_analysis": 1, "results": 4}  # figures each must show on this fixture
+NOTEBOOKS = {"sensitivity": 3, "proxy_analysis": 1, "results": 3}  # figures each must show on this fixture
 
 
 @pytest.fixture(scope="module")
