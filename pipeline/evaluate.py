@@ -158,7 +158,8 @@ def sample_rows(model_dir, data_dir, info: dict, samples: pd.DataFrame, per_task
             shown = int(mask.sum()) if mask is not None else None
             caption = ("all tokens" if kept is None else f"{shown} tokens kept (pruned dimmed)" if shown is not None
                        else "kept tokens not drawable (pruned inside the language model)")
-            rows.append({"task": task, "doc_id": int(sample.doc_id), "view": highlight(view, mask), "question": sample.question,
+            view = highlight(view, mask).repeat(3, axis=0).repeat(3, axis=1)  # 3x: the testbed's 96 px images are small
+            rows.append({"task": task, "doc_id": int(sample.doc_id), "view": view, "question": sample.question,
                          "target": sample.target, "prediction": sample.prediction, "correct": bool(sample.correct),
                          "kept": shown, "caption": caption})
     return rows
