@@ -26,6 +26,10 @@ def _fixed(digits: int):
     return lambda v: "" if pd.isna(v) else f"{v:.{digits}f}"
 
 
+def _count(v) -> str:
+    return "" if pd.isna(v) else str(int(v))
+
+
 def _percent(v) -> str:
     return "" if pd.isna(v) else f"{100 * v:.1f}"
 
@@ -40,6 +44,7 @@ COLUMNS = {
     "gflops_pruning": ("GFLOPs of the pruning step", _fixed(3)),
     "tflops": ("TFLOPs (prefill, formula)", _fixed(2)), "tflops_llm_visual_only": ("TFLOPs (LLM over visual tokens)", _fixed(2)),
     "paper_app_d": ("paper App. D TFLOPs", _fixed(2)), "seconds": ("seconds per forward", _fixed(3)),
+    "images": ("images", _count), "images measured exactly": ("images measured exactly", _count),
 }
 
 
@@ -98,7 +103,7 @@ def sections(params: dict, metrics: dict) -> list[dict]:
         {"title": "Projector as a proxy for the encoder (Fig. 2)",
          "caption": f"Per image, Spearman rho between projector and end-to-end encoder token sensitivity (images: {proxy_n}); "
                     "noise: rho between two independent draws of the sampled encoder estimate (1 = no estimator noise).",
-         "tables": ["proxy/summary.csv"], "figures": ["proxy/proxy_kde.png"]},
+         "tables": ["proxy/summary.csv"], "cell": _fixed(3), "figures": ["proxy/proxy_kde.png"]},
         {"title": "Sensitivity estimators: agreement",
          "caption": f"Mean Spearman rho between the estimators' per-token sensitivities over {sens.get('samples', '?')} "
                     "test images (1 = same ranking).",
