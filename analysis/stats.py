@@ -192,7 +192,7 @@ def lmms_samples(folder, results: dict | None = None) -> pd.DataFrame:
     (lmms-eval's results JSON) names each task's metrics; without it, the keys ``accuracy``/``f1``.
     """
     rows = []
-    for path in sorted(Path(folder).glob("**/*_samples_*.jsonl")):
+    for path in sorted(Path(folder).glob("**/*_samples_*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)):
         task = path.stem.split("_samples_", 1)[1]
         names = ([k.split(",")[0] for k in (results or {}).get("results", {}).get(task, {}) if "," in k and "stderr" not in k]
                  or ["accuracy", "f1"])
@@ -214,7 +214,8 @@ def lmms_samples(folder, results: dict | None = None) -> pd.DataFrame:
                 continue
             rows.append({"task": task, "doc_id": int(sample["doc_id"]), "question": str(sample.get("input", "")),
                          "target": target, "prediction": prediction, "correct": bool(correct), "metric": metric})
-    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS).sort_values(["task", "doc_id"], ignore_index=True)
+    table = pd.DataFrame(rows, columns=SAMPLE_COLUMNS).drop_duplicates(["task", "doc_id"], keep="last")  # newest log wins
+    return table.sort_values(["task", "doc_id"], ignore_index=True)
 
 
 def _f1(true_positives, predicted, actual):
