@@ -377,6 +377,8 @@ def seed_spread(samples: pd.DataFrame, base: dict[str, float] | None = None) -> 
     """Per method and budget with more than one seed: per task, the plain ``Mean`` of the tasks and, given
     the unpruned scores ``base`` ({task: score}), ``Avg`` (mean of score / base): the mean, sample standard
     deviation (ddof 1), min and max over the seeds' runs, and the number of seeds."""
+    if samples.empty:
+        return pd.DataFrame(columns=["method", "keep", "task", "seeds", "mean", "sd", "min", "max"])
     scores = (samples.groupby(["method", "keep", "seed", "task"]).apply(task_score, include_groups=False)
               .rename("score").reset_index())
     per_seed = scores.groupby(["method", "keep", "seed"])

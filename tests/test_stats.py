@@ -117,6 +117,7 @@ def test_seed_spread_by_hand():
     spread = stats.seed_spread(rows, base={"testbed_attribute": 0.8}).set_index("task")
     assert spread.loc["testbed_attribute", ["seeds", "mean", "sd", "min", "max"]].tolist() == pytest.approx([3, 0.4, 0.2, 0.2, 0.6])
     assert spread.loc["Avg", "mean"] == pytest.approx(0.5) and spread.loc["Avg", "sd"] == pytest.approx(0.25)
+    assert stats.seed_spread(rows[rows["run"] == "z0"]).empty and stats.seed_spread(rows.iloc[:0]).empty  # one seed: no spread
 
 
 def test_lmms_samples_reads_the_testbed_metric_entries(tmp_path):
