@@ -144,14 +144,14 @@ def differences(comparisons: pd.DataFrame, reference: str, note: str = "", quest
     data = comparisons[(comparisons["versus"] == reference) & (comparisons["measure"] == measure)].copy()
     data["label"] = data["method"] + " @ " + data["keep"].astype(int).astype(str)
     data = data.sort_values(["keep", "method"], ascending=[False, True])
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(data) + 1.6))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(data) + 2.8))
     y = np.arange(len(data))[::-1]
     significant = (data["low"] > 0) | (data["high"] < 0)
     for yi, (value, low, high), red in zip(y, data[["value", "low", "high"]].to_numpy(), significant):
         ax.errorbar(100 * value, yi, xerr=[[100 * (value - low)], [100 * (high - value)]], fmt="o", ms=4, capsize=2,
                     color="crimson" if red else "grey")
     ax.axvline(0, color="k", lw=1)
-    ax.set(yticks=y, yticklabels=data["label"], ylabel="method @ visual tokens kept",
+    ax.set(yticks=y, yticklabels=data["label"], ylabel="", ylim=(-0.7, len(data) - 0.3),
            xlabel=f"{measure} minus {reference}'s ({'points of % of unpruned' if measure == 'Avg' else 'points'})")
     ax.tick_params(axis="y", labelsize=8)
     return _stamp(fig, f"Paired difference to {reference} with 95% interval (red: excludes 0)"
