@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         paper.to_csv(out / "paper_flops.csv", index=False)
         layers.to_csv(out / "layer_cpu.csv", index=False)
         note = weights_note(args.model)
-        cpu = "testbed model on this CPU"
+        cpu = f"testbed model on this CPU, mean over {cfg['samples']} test images"
         images = {
             "prefill": figures.save(figures.speed_bars(testbed, "prefill_ms", f"prefill (ms, {cpu})", note), fig / "prefill.png"),
             "e2e": figures.save(figures.speed_bars(testbed, "e2e_ms", f"end-to-end, {cfg['new_tokens']} new tokens (ms, {cpu})",
