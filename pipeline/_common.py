@@ -25,12 +25,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 PROFILES = ("testbed", "paper")
 log = logging.getLogger("pipeline")
@@ -43,31 +43,20 @@ class StageError(RuntimeError):
 # ---------------------------------------------------------------- params
 
 
-def load_params(path="params.yaml") -> dict:
+def load_params(path="params.yaml", sections=None) -> dict:
+    """params.yaml with ``sections`` (default: all) checked against :mod:`pipeline.schema`; errors name
+    the key path and the value."""
+    from .schema import load
+
     path = Path(path)
     if not path.exists():
         raise StageError(f"params file {str(path)!r} not found (run from the repository root or pass --params)")
-    return yaml.safe_load(path.read_text()) or {}
+    return load(path, sections)
 
 
 def sections(params: dict, names: list[str]) -> dict:
-    """``{name: params[name]}`` for a stage's sections; names a missing one."""
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise StageError(f"params has no section(s) {missing}; it has {sorted(params)}")
+    """``{name: params[name]}`` for a stage's sections."""
     return {n: params[n] for n in names}
-
-
-def need(section: dict, name: str, key: str, kind=None, choices=None):
-    """``section[key]``, checked: present, of ``kind``, in ``choices``; errors name ``name.key`` and the value."""
-    if key not in section:
-        raise StageError(f"params {name}.{key} is missing")
-    value = section[key]
-    if kind is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-        raise StageError(f"params {name}.{key} = {value!r} must be {getattr(kind, '__name__', kind)}")
-    if choices is not None and value not in choices:
-        raise StageError(f"params {name}.{key} = {value!r}; choose one of {list(choices)}")
-    return value
 
 
 def checkpoint_reachable(name: str) -> bool:
@@ -81,7 +70,7 @@ def checkpoint_reachable(name: str) -> bool:
 
 def check_profile(params: dict) -> str:
     """The profile; for ``paper``, raise unless every paper checkpoint is reachable (before any output)."""
-    profile = need(params, "params", "profile", str, PROFILES)
+    profile = params["profile"]
     if profile == "paper":
         models = params.get("paper", {}).get("models", {})
         missing = [spec["pretrained"] for spec in models.values() if not checkpoint_reachable(spec["pretrained"])]
@@ -95,20 +84,64 @@ def check_profile(params: dict) -> str:
 
 
 # ---------------------------------------------------------------- outputs
+#
+# A stage writes into ``<root>/outputs/.tmp/<stage>.<pid>/`` (root: the folder of the params file,
+# the repository root under DVC), outside every tracked output and dependency, and moves each
+# finished output into place only when the whole stage succeeded. A stage stopped by a signal
+# removes its folder; one killed hard (SIGKILL) leaves it, and the next stage to start removes every
+# such folder whose process is gone. With DVC's ``persist: true`` (dvc.yaml) DVC no longer deletes
+# the previous outputs before the command, so a failed or killed stage leaves them as they were.
+
+TMP = Path("outputs") / ".tmp"
 
 
-def tmp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def tmp_root(args) -> Path:
+    return Path(getattr(args, "params", "params.yaml")).resolve().parent / TMP
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(root: Path) -> list[Path]:
+    """Remove the temporary folders under ``root`` whose stage process is gone (a hard kill); return them."""
+    removed = []
+    for folder in sorted(root.glob("*.*")) if root.is_dir() else []:
+        pid = folder.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            log.info("removed %s, left by a stage that was killed", folder)
+    return removed
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def publish(tmp: Path, final: Path) -> None:
     """Move a finished temporary file or folder into place (replacing what was there)."""
-    if final.is_dir() and not final.is_symlink():
-        shutil.rmtree(final)
-    elif final.exists():
-        final.unlink()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(final)
+    old = tmp.with_name(tmp.name + ".old")
+    if final.exists() or final.is_symlink():
+        try:
+            os.rename(final, old)  # the previous output leaves only when the new one is complete
+        except OSError:  # another file system: remove it
+            remove_tree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        shutil.move(str(tmp), str(final))
+    remove_tree(old)
 
 
 def write_json(path, data) -> Path:
@@ -224,11 +257,12 @@ def stage(name: str, args: argparse.Namespace, section_names: list[str], outputs
     paper profile (only evaluate runs the paper's checkpoints so far).
     """
     setup_logging()
-    tmp = {}
-    tracker = None
+    tmp, run_dir = {}, None
+    tracker, unwatch = None, None
     start = time.perf_counter()
+    previous = stop_on_signals()
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, ["profile", "wandb", *section_names])
         if getattr(args, "profile", None):
             params["profile"] = args.profile
         profile = check_profile(params)
@@ -236,35 +270,127 @@ def stage(name: str, args: argparse.Namespace, section_names: list[str], outputs
             raise StageError(f"stage {name} is implemented for the testbed profile only (profile {profile!r}); "
                              "the paper profile runs the evaluate stages")
         own = sections(params, section_names)
+        if profile == "testbed":
+            check_inputs(args)
+        root = tmp_root(args)
+        remove_stale(root)
+        if outputs:
+            run_dir = root / f"{name.replace('/', '-')}.{os.getpid()}"
+            run_dir.mkdir(parents=True)
         for key in outputs:
-            final = Path(getattr(args, key))
-            tmp[key] = tmp_sibling(final)
-            shutil.rmtree(tmp[key], ignore_errors=True)
-            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp[key] = run_dir / key
         tracker = Tracker(name, {"profile": profile, **own}, params.get("wandb", {}))
         s = Stage(name, args, own, profile, out=dict(tmp), tracker=tracker)
+        unwatch = watch_parents()
         log.info("stage %s (profile %s) started", name, profile)
         yield s
+        missing = [getattr(args, key) for key, path in tmp.items() if not path.exists()]
+        if missing:
+            raise StageError(f"stage {name} did not write its output(s) {missing}")
         for key, path in tmp.items():
-            if not path.exists():
-                raise StageError(f"stage {name} did not write its output {getattr(args, key)}")
             publish(path, Path(getattr(args, key)))
         tracker.log(metrics={"stage_seconds": time.perf_counter() - start})
         tracker.finish(failed=False)
         log.info("stage %s done in %.1f s", name, time.perf_counter() - start)
     except BaseException as error:
-        for path in tmp.values():
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists():
-                path.unlink()
         if tracker is not None:
             tracker.finish(failed=True)
+        if isinstance(error, (Stopped, KeyboardInterrupt)):
+            signum = error.signum if isinstance(error, Stopped) else signal.SIGINT
+            print(f"error: stage {name}: stopped by {signal.Signals(signum).name}; the previous outputs are kept "
+                  "(answers computed so far stay in the resume cache)", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum) from None
         if isinstance(error, KeyError):
             raise SystemExit(f"error: stage {name}: params key {error} is missing (see params.yaml)") from error
         if isinstance(error, (StageError, ValueError, TypeError, FileNotFoundError)):
             raise SystemExit(f"error: stage {name}: {error}") from error
         raise
+    finally:
+        if unwatch is not None:
+            unwatch()
+        if run_dir is not None:
+            remove_tree(run_dir)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # outputs/.tmp itself, when empty
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------- signals
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived (``kill``, a closed terminal, DVC gone): unwind, clean up, stop children."""
+
+    def __init__(self, signum: int):
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> dict:
+    """SIGTERM / SIGHUP raise :class:`Stopped` in the main thread (SIGINT raises KeyboardInterrupt already),
+    so ``finally`` blocks run: temporary files go, child processes are stopped. Returns the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGHUP)}
+
+
+def watch_parents(interval: float = 0.5):
+    """Stop this stage (SIGTERM to itself) when its parent, or the ``dvc`` process that runs it, is gone;
+    returns the function that ends the watch (called when the stage ends).
+
+    ``kill <dvc pid>`` ends DVC alone (it neither starts its command in a new process group nor forwards
+    SIGTERM): without this the stage and its lmms-eval child would run on, and publish outputs DVC never
+    records. On Linux the kernel signals the death of the parent (``PR_SET_PDEATHSIG``, no thread); a
+    polling thread covers a ``dvc`` that is not the direct parent (a shell in between) and other systems.
+    """
+    from zoo_prune._process import parent_death_signal
+
+    parent = os.getppid()
+    watched = []
+    if os.environ.get("DVC_STAGE"):
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            watched = [p for p in psutil.Process().parents() if "dvc" in " ".join(p.cmdline()[:3])][:1]
+    kernel = parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:  # died before the kernel was asked
+        os.kill(os.getpid(), signal.SIGTERM)
+    stop = threading.Event()
+    if not kernel or any(p.pid != parent for p in watched):
+
+        def watch():
+            while not stop.wait(interval):
+                if os.getppid() != parent or any(not p.is_running() for p in watched):
+                    log.warning("the process that started this stage is gone: stopping")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+
+        threading.Thread(target=watch, name="watch-parents", daemon=True).start()
+
+    def end():
+        stop.set()
+        if kernel:
+            parent_death_signal(0)
+
+    return end
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def check_inputs(args) -> None:
+    """The stage's model and data folders (``--model``, ``--data``) are complete, before any work."""
+    from .inputs import check_data, check_model
+
+    if getattr(args, "model", None):
+        check_model(args.model)
+    if getattr(args, "data", None):
+        check_data(args.data)
 
 
 def limit_threads() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from analysis import figures, stats
 
-from ._common import StageError, need, parser, stage, weights_note, write_json
+from ._common import StageError, parser, stage, weights_note, write_json
 from .results import bootstrap_runs, expected_runs, interval_table, readable_table, tokens_per_image
 
 # method -> (sensitivity, diversity, fusion), the columns of the paper's Table 5
@@ -19,13 +19,12 @@ def main(argv=None) -> None:
     p = parser(__doc__, "ablation", inputs=("runs", "model"))
     args = p.parse_args(argv)
     with stage("ablation", args, ["ablation", "budgets", "results"], ["out", "metrics", "figures"]) as s:
-        variants = need(s.params["ablation"], "ablation", "variants", list)
+        variants = s.params["ablation"]["variants"]
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise StageError(f"params ablation.variants has {unknown}; choose from {list(VARIANTS)}")
         res = s.params["results"]
-        options = {"confidence": need(res, "results", "confidence", float), "resamples": need(res, "results", "resamples", int),
-                   "seed": need(res, "results", "seed", int)}
+        options = {key: res[key] for key in ("confidence", "resamples", "seed")}
         expected = expected_runs(s.params, variants)
         runs = stats.read_runs(args.runs, expected)
         samples = stats.read_samples(args.runs, [stats.run_name(m, k) for m, k in expected])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import need, parser, stage
+from ._common import parser, stage
 
 
 def main(argv=None) -> None:
@@ -13,9 +13,8 @@ def main(argv=None) -> None:
         from zoo_prune.testbed.dataset import build_splits
 
         params = s.params["data"]
-        sizes = {split: need(params, "data", split, int) for split in ("train", "validation", "test")}
-        per_family = {"train": need(params, "data", "train_per_family", int)}
-        card = build_splits(s.out["out"], sizes=sizes, per_family=per_family, seed=need(params, "data", "seed", int))
+        sizes = {split: params[split] for split in ("train", "validation", "test")}
+        card = build_splits(s.out["out"], sizes=sizes, per_family={"train": params["train_per_family"]}, seed=params["seed"])
         s.log(metrics={f"images/{k}": v["images"] for k, v in card["splits"].items()})
 
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from analysis import figures, flops
 
-from ._common import load_model, load_rows, need, parser, stage, weights_note, write_json
+from ._common import load_model, load_rows, parser, stage, weights_note, write_json
 from .evaluate import method_options
 
 SENSITIVITY_METHODS = ("zoo", "sum_fusion", "sensitivity_only")
@@ -109,9 +109,7 @@ def main(argv=None) -> None:
         from zoo_prune import get_method
 
         cfg = s.params["efficiency"]
-        for key in ("samples", "new_tokens", "repeats", "text_tokens", "layer_repeats"):
-            need(cfg, "efficiency", key, int)
-        layer_tokens = need(cfg, "efficiency", "layer_tokens", list)
+        layer_tokens = cfg["layer_tokens"]
         methods = s.params["evaluate"]["zoo_methods"] + s.params["evaluate"]["baselines"]
         model, processor = load_model(args.model)
         rows = load_rows(args.data, "attribute", cfg["samples"])

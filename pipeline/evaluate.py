@@ -24,7 +24,7 @@ import pandas as pd
 
 from analysis import stats
 
-from ._common import StageError, load_params, need, parser, stage, write_json
+from ._common import StageError, load_params, parser, stage, write_json
 
 UNPRUNED = stats.UNPRUNED
 
@@ -71,9 +71,9 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
     evaluate = params["evaluate"]
     base = {"method": "none"} if method == UNPRUNED else {"method": method, "keep": keep, **method_options(method, params)}
     if profile == "testbed":
-        return [{"model_args": {"pretrained": model, "device_map": "cpu", **base}, "tasks": need(evaluate, "evaluate", "tasks", list),
-                 "output_dir": f"{out}/lmms_eval", "limit": evaluate.get("limit"), "device": "cpu",
-                 "batch_size": evaluate.get("batch_size", 1)}]
+        return [{"model_args": {"pretrained": model, "device_map": "cpu", **base}, "tasks": evaluate["tasks"],
+                 "output_dir": f"{out}/lmms_eval", "limit": evaluate["limit"], "device": "cpu",
+                 "batch_size": evaluate["batch_size"]}]
     paper = params["paper"]
     level = None if method == UNPRUNED else params["budgets"].index(keep)
     found = []

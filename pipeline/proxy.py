@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from analysis import figures, stats
 
-from ._common import StageError, load_model, load_rows, need, parser, stage, weights_note, write_json
+from ._common import StageError, load_model, load_rows, parser, stage, weights_note, write_json
 
 
 def vision_side(model, embeds: torch.Tensor) -> torch.Tensor:
@@ -137,12 +137,7 @@ def main(argv=None) -> None:
         from zoo_prune.adapters import record_io
 
         cfg, zoo = s.params["proxy"], s.params["zoo"]
-        form = need(cfg, "proxy", "form", str, FORMS)
-        threshold = need(cfg, "proxy", "threshold", float)
-        need(cfg, "proxy", "directions", int)
-        exact_samples = cfg.get("exact_samples", 0)
-        if isinstance(exact_samples, bool) or not isinstance(exact_samples, int) or exact_samples < 0:
-            raise StageError(f"params proxy.exact_samples = {exact_samples!r} must be an int >= 0")
+        form, threshold, exact_samples = cfg["form"], cfg["threshold"], cfg["exact_samples"]
         method = get_method("zoo", **{k: zoo[k] for k in ("m", "h", "estimator", "seed")})
         model, processor = load_model(args.model)
         for parameter in model.parameters():
@@ -150,8 +145,8 @@ def main(argv=None) -> None:
         embeddings = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower).embeddings
         projector = model.model.multi_modal_projector
         records = []
-        n = need(cfg, "proxy", "samples", int)
-        for t, task in enumerate(need(cfg, "proxy", "tasks", list)):  # disjoint images per task (a scene asks every family)
+        n = cfg["samples"]
+        for t, task in enumerate(cfg["tasks"]):  # disjoint images per task (a scene asks every family)
             for j, row in enumerate(tqdm(load_rows(args.data, task, n, offset=t * n), desc=f"proxy {task}", unit="img")):
                 pixels = processor.image_processor(row["image"], return_tensors="pt")["pixel_values"]
                 with torch.no_grad(), record_io(projector) as io:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis import figures, stats
 
-from ._common import StageError, need, parser, stage, weights_note, write_json
+from ._common import StageError, parser, stage, weights_note, write_json
 
 UNPRUNED = stats.UNPRUNED
 
@@ -36,7 +36,7 @@ def tokens_per_image(model_dir) -> int:
 
 
 def expected_runs(params: dict, methods: list[str]) -> list[tuple[str, int | None]]:
-    return [(UNPRUNED, None)] + [(m, k) for m in methods for k in need(params, "params", "budgets", list)]
+    return [(UNPRUNED, None)] + [(m, k) for m in methods for k in params["budgets"]]
 
 
 def seed_runs(params: dict, budgets: list[int], methods: list[str]) -> list[str]:
@@ -171,14 +171,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     with stage("results", args, ["evaluate", "budgets", "results"], ["out", "metrics", "figures"]) as s:
         cfg, res = s.params["evaluate"], s.params["results"]
-        budgets = need(s.params, "params", "budgets", list)
-        methods = need(cfg, "evaluate", "zoo_methods", list) + need(cfg, "evaluate", "baselines", list)
-        reference = need(res, "results", "reference", str, methods)
-        pair = need(res, "results", "mcnemar", list)
-        if len(pair) != 2 or any(m not in methods for m in pair):
+        budgets = s.params["budgets"]
+        methods = cfg["zoo_methods"] + cfg["baselines"]
+        reference, pair = res["reference"], res["mcnemar"]
+        if reference not in methods:
+            raise StageError(f"params results.reference = {reference!r}; choose one of the evaluated methods {methods}")
+        if any(m not in methods for m in pair):
             raise StageError(f"params results.mcnemar = {pair!r} must name two evaluated methods of {methods}")
-        options = {"confidence": need(res, "results", "confidence", float), "resamples": need(res, "results", "resamples", int),
-                   "seed": need(res, "results", "seed", int)}
+        options = {key: res[key] for key in ("confidence", "resamples", "seed")}
         alpha = round(1 - options["confidence"], 10)
         expected = expected_runs(s.params, methods)
         tokens = tokens_per_image(args.model)

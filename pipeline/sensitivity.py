@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from analysis import figures, stats
 
-from ._common import load_model, load_rows, need, parser, stage, weights_note, write_json
+from ._common import load_model, load_rows, parser, stage, weights_note, write_json
 
 
 @torch.no_grad()
@@ -46,16 +46,13 @@ def main(argv=None) -> None:
     p = parser(__doc__, "sensitivity")
     args = p.parse_args(argv)
     with stage("sensitivity", args, ["zoo", "budgets", "sensitivity"], ["out", "metrics", "figures"]) as s:
-        from zoo_prune import ESTIMATORS, adapter_for, zo_sensitivity
+        from zoo_prune import adapter_for, zo_sensitivity
         from zoo_prune.demo import token_views
 
         cfg, zoo, budgets = s.params["sensitivity"], s.params["zoo"], s.params["budgets"]
-        estimators = need(cfg, "sensitivity", "estimators", list)
-        for name in estimators:
-            need({"estimator": name}, "sensitivity", "estimator", str, ESTIMATORS)
-        reference = need(cfg, "sensitivity", "reference", str, estimators)
+        estimators, reference = cfg["estimators"], cfg["reference"]
         model, processor = load_model(args.model)
-        rows = load_rows(args.data, need(cfg, "sensitivity", "task", str), need(cfg, "sensitivity", "samples", int))
+        rows = load_rows(args.data, cfg["task"], cfg["samples"])
         projector = adapter_for(model).projector
         scores = {name: [] for name in estimators}
         seconds = {name: 0.0 for name in estimators}
@@ -74,7 +71,7 @@ def main(argv=None) -> None:
         note = weights_note(args.model)
         panels = []
         options = {"zoo": {k: zoo[k] for k in ("m", "h", "estimator", "seed")}, "divprune": {}}
-        overlays = samples[:need(cfg, "sensitivity", "overlay_samples", int)]
+        overlays = samples[:cfg["overlay_samples"]]
         for row, inputs in tqdm(overlays, desc="sensitivity: overlays", unit="img"):
             columns, view = [], None
             for keep in budgets:

@@ -10,7 +10,10 @@ import pandas as pd
 
 from analysis import figures, stats
 
-from ._common import need, parser, stage, weights_note, write_json
+from ._common import parser, stage, weights_note, write_json
+from .inputs import check_data
+
+TESTBED_DATA = "data/testbed"  # where the testbed task YAMLs read it, relative to the working directory
 
 FIXED = {"h": "m", "m": "h"}  # the zoo parameter held at its params value while the other varies
 
@@ -45,10 +48,10 @@ def main(argv=None) -> None:
     args.figures = args.figures or f"outputs/figures/{name}"
     with stage(name, args, ["sweep", "zoo"], ["out", "metrics", "figures"]) as s:
         cfg, zoo = s.params["sweep"], s.params["zoo"]
-        task, keep, limit = need(cfg, "sweep", "task", str), need(cfg, "sweep", "keep", int), cfg.get("limit")
-        grid = need(cfg, "sweep", args.over, list)
+        check_data(TESTBED_DATA)  # the testbed task YAMLs read it relative to the working directory
+        task, keep, limit, grid = cfg["task"], cfg["keep"], cfg["limit"], cfg[args.over]
         fixed = {FIXED[args.over]: zoo[FIXED[args.over]], "seed": zoo["seed"], "estimator": zoo["estimator"], "keep": keep,
-                 "batch_size": cfg.get("batch_size", 1)}
+                 "batch_size": cfg["batch_size"]}
         out = s.out["out"]
         rows = [{args.over: value, "score": score(args.model, task, limit, out / f"{args.over}={value}",
                                                   **fixed, **{args.over: value})} for value in grid]

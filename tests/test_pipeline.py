@@ -165,7 +165,7 @@ def test_missing_input_and_failure_midway_leave_nothing(workspace, wandb_disable
     paths = stage_paths(tmp_path, "proxy", model=False, data=False)
     with pytest.raises(SystemExit, match="no/such/model"):
         run_stage(proxy, workspace, model=tmp_path / "no/such/model", data=workspace / "data" / "testbed", **paths)
-    with pytest.raises(SystemExit, match="not found; run the data stage"):
+    with pytest.raises(SystemExit, match=r"nodata.* not found .*`dvc repro data`"):
         run_stage(proxy, workspace, model=workspace / "model", data=tmp_path / "nodata", **paths)
     # the CSV is written, then drawing the figure fails: nothing may stay behind
     monkeypatch.setattr(proxy.figures, "proxy_kde", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
@@ -333,7 +333,7 @@ def test_dvc_yaml_declares_what_each_stage_reads():
         module = re.match(r"python -m pipeline\.(\w+)", s["cmd"]).group(1)
         assert (ROOT / "pipeline" / f"{module}.py").exists(), name
         assert name in ("data", "train", "report") or s.get("metrics"), f"{name} declares no metrics"
-    assert dvc["train"]["outs"] == [{"models/testbed-llava": {"cache": False}}]
+    assert dvc["train"]["outs"] == [{"models/testbed-llava": {"cache": False, "persist": True}}] and dvc["train"]["frozen"]
     assert "data/testbed/card.json" in dvc["train"]["deps"] and "data/testbed" not in dvc["train"]["deps"]
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     from zoo_prune import available_methods, method_class

@@ -10,8 +10,12 @@ run exists and holds every requested task: lmms-eval can exit 0 after a failure.
 :class:`LmmsEvalError` names the command, the exit code, the missing file or tasks and the log.
 
 Resume: with ``use_cache`` (default) each answer is stored as soon as it exists, under
-``DEFAULT_CACHE`` (outside ``output_dir``, which a DVC stage deletes before it reruns), keyed on the
-model arguments (see ``zoo_prune.lmms_eval_plugin``); a killed run started again reuses them.
+``DEFAULT_CACHE`` (outside ``output_dir``), keyed on the model arguments and a hash of the weights
+(see ``zoo_prune.lmms_eval_plugin``); a killed run started again reuses them.
+
+Interruption: lmms-eval runs in its own process group. An exception in the caller (Ctrl-C, or the
+pipeline's SIGTERM handler) stops the whole group (SIGTERM, SIGKILL after 10 s); on Linux the child
+also gets SIGTERM if the caller dies, even by SIGKILL (``PR_SET_PDEATHSIG``), so nothing is orphaned.
 
 CLI: ``python -m zoo_prune.evaluation --model-args pretrained=DIR,method=zoo,keep=64 --tasks testbed
 --output-dir outputs/lmms_eval/run [--limit N] [--dry-run]``.
@@ -30,6 +34,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ._process import parent_death_signal
 
 TESTBED_TASKS = Path(__file__).resolve().parent.parent / "lmms_tasks" / "testbed"
 DEFAULT_CACHE = Path("outputs/lmms_cache")
@@ -88,6 +94,36 @@ def lmms_eval_command(model_args: dict, tasks: list[str], output_dir, *, limit: 
     return command
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the process that started it dies, even by SIGKILL."""
+    parent_death_signal(signal.SIGTERM)
+
+
+def child_group() -> dict:
+    """Popen arguments: the child leads its own process group (so :func:`stop_group` reaches everything it
+    starts, ``accelerate`` workers included) and, on Linux, gets SIGTERM if this process dies."""
+    if os.name != "posix":
+        return {}
+    return {"process_group": 0, "preexec_fn": _die_with_parent}
+
+
+def stop_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the child's process group, SIGKILL after ``grace`` seconds; wait for the child."""
+    if os.name != "posix":
+        process.terminate()
+        return
+    for signum, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def find_results(output_dir, since: float = 0.0) -> Path | None:
     """The newest ``*_results.json`` under ``output_dir`` written after ``since`` (a time.time())."""
     found = [p for p in Path(output_dir).glob("**/*_results.json") if p.stat().st_mtime >= since]
@@ -126,14 +162,14 @@ def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | f
     start = time.time()
     tail = collections.deque(maxlen=30)
     pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
-    with open(log_path, "w") as log, subprocess.Popen(command, cwd=cwd, **pipe) as process:
+    with open(log_path, "w") as log, subprocess.Popen(command, cwd=cwd, **pipe, **child_group()) as process:
         try:
             for line in process.stdout:
                 sys.stdout.write(line)
                 log.write(line)
                 tail.append(line)
         except BaseException:  # interrupted: stop lmms-eval too (its stored answers stay for the next run)
-            process.terminate()
+            stop_group(process)
             raise
     returncode = process.wait()
     results_path = find_results(output_dir, since=start)

@@ -23,7 +23,7 @@ Model arguments besides the backend's own:
   equal batch size 1's (tests/test_lmms_eval.py);
 * ``resume_cache=DIR``: every answer is stored as soon as its batch is generated (lmms-eval's SQLite
   ``ResponseCache``, one database per rank under ``DIR/<model key>/``), keyed on the model
-  arguments (``pretrained``, its weights' sizes and times, ``method``, ``keep``, every option), the
+  arguments (``pretrained``, a hash of its weights' contents, ``method``, ``keep``, every option), the
   task's dataset fingerprint, the prompt and the generation settings. An interrupted run started
   again with the same arguments and number of processes reuses the stored answers.
   (lmms-eval's ``--use_cache`` stores a run's answers only when the whole run is done.)
@@ -54,6 +54,7 @@ from lmms_eval.protocol import ChatMessages
 from loguru import logger
 from tqdm.auto import tqdm
 
+from ..fingerprint import weights_fingerprint
 from ..methods import get_method
 from ..pruned_model import apply_pruning
 
@@ -97,13 +98,9 @@ def backend_class(model_type: str) -> type:
 
 
 def weights_stamp(pretrained: str) -> str:
-    """For a local folder: config.json and the names, sizes and times of its weight files (retraining
-    invalidates cached answers); for a hub id: ''."""
-    folder = Path(pretrained)
-    if not folder.is_dir():
-        return ""
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
-    return json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    """For a local folder: a hash of config.json and its weight files' contents (``zoo_prune.fingerprint``;
+    retraining invalidates cached answers, a checkout or ``touch`` does not); for a hub id: ''."""
+    return weights_fingerprint(pretrained)
 
 
 class _Failed(str):
