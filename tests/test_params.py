@@ -47,7 +47,7 @@ def test_the_repository_params_are_valid():
     ({"sweep.h": [0.01, -1.0]}, "params sweep.h[1] = -1.0: h must be finite and > 0"),
     ({"sweep.m": [4, 0]}, "params sweep.m[1] = 0: m must be >= 1"),
     ({"proxy.threshold": 1.5}, "params proxy.threshold = 1.5: Input should be less than or equal to 1"),
-    ({"proxy.form": "exact"}, "params proxy.form = 'exact': Input should be 'backward' or 'finite_difference'"),
+    ({"proxy.form": "jvp"}, "params proxy.form = 'jvp': Input should be 'exact', 'backward' or 'finite_difference'"),
     ({"data.seed": True}, "params data.seed = True: Input should be a valid integer"),
     ({"efficiency.samples": "10"}, "params efficiency.samples = '10': Input should be a valid integer"),
     ({"zoo.mm": 3}, "params zoo.mm = 3: unknown key"),                                    # unknown key
