@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test repro bench clean-venv
+.PHONY: install test repro bench bench-flops bench-prefill clean-venv
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ repro: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/estimators.py
+
+# The FLOPs ledger of the paper's models (benchmarks/results/flops.{csv,md}) and the measured prefill
+# of LLaVA-1.5-7B's shapes with random weights (benchmarks/results/prefill.{json,md}); README "Efficiency".
+bench-flops: $(STAMP)
+	$(PY) benchmarks/flops.py
+
+bench-prefill: $(STAMP)
+	$(PY) benchmarks/prefill.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -208,15 +208,34 @@ def speed_bars(data: pd.DataFrame, value: str, label: str, note: str = "") -> pl
     return _stamp(fig, f"{label}: speed-up over unpruned in each bar", note)
 
 
+def measured_and_counted(data: pd.DataFrame, measured: str, counted: str, measured_label: str, counted_label: str,
+                         note: str = "") -> plt.Figure:
+    """Measured time (left) and counted FLOPs (right) per method and budget, side by side; each bar
+    carries its ratio to unpruned (speed-up on the left, FLOP ratio on the right)."""
+    pruned = _categorical_tokens(data[data["method"] != "unpruned"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for ax, value, label in ((axes[0], measured, measured_label), (axes[1], counted, counted_label)):
+        base = data.loc[data["method"] == "unpruned", value].median()
+        sns.barplot(data=pruned, x="tokens", y=value, hue="method", ax=ax, errorbar=None, legend=ax is axes[1])
+        for container in ax.containers:
+            ax.bar_label(container, labels=[f"{base / b.get_height():.2f}x" if b.get_height() else "" for b in container],
+                         fontsize=6, rotation=90, label_type="center")
+        ax.axhline(base, color="k", ls=":")
+        ax.set(xlabel="visual tokens kept", ylabel=value.replace("_", " "))
+        ax.set_title(f"{label}; unpruned {base:.3g} (dotted)", fontsize=9)
+    _legend_right(axes[1])
+    return _stamp(fig, "Measured (left) and counted (right), ratio to unpruned in each bar", note)
+
+
 def flops_bars(data: pd.DataFrame, model: str, note: str = "") -> plt.Figure:
-    """Fig. A style: TFLOPs by method and budget (analytic)."""
+    """Fig. A style: TFLOPs by method and budget (the ledger: counted on the real graph)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sns.barplot(data=_categorical_tokens(data), x="tokens", y="tflops", hue="method", ax=ax)
     for container in ax.containers:
         ax.bar_label(container, fmt="%.2f", fontsize=7)
-    ax.set(xlabel="visual tokens kept", ylabel="TFLOPs (analytic)")
+    ax.set(xlabel="visual tokens kept", ylabel="TFLOPs (2 per multiply-add)")
     _legend_right(ax)
-    return _stamp(fig, f"Prefill FLOPs of {model} (formula, not measured)", note)
+    return _stamp(fig, f"Prefill FLOPs of {model}, counted on its graph (not measured)", note)
 
 
 def layer_times(data: pd.DataFrame, note: str = "") -> plt.Figure:

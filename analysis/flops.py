@@ -1,5 +1,9 @@
 """Analytic FLOPs of a LLaVA-style prefill (FastV / VisionZip convention: one multiply-add = 1 FLOP).
 
+A cross-check only: the project's FLOPs come from the ledger ``zoo_prune.flops``, which counts the
+models' real graphs (2 FLOPs per multiply-add, all three matrices of LLaMA's gated MLP, the tower);
+``benchmarks/flops.py`` puts these formulas beside it and the paper's App. D in one table.
+
 A transformer layer over n tokens of width d with FFN width f costs 4 n d^2 + 2 n^2 d + 2 n d f
 (FastV, Chen et al. 2024, Eq. 4; VisionZip uses the same). A prefill is the vision tower over its
 patches, the projector over N tokens per patch, pruning's own work, and the language model over
@@ -11,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-def layer_flops(n: int, d: int, ffn: int) -> float:
-    """One transformer layer over ``n`` tokens (4nd^2 + 2n^2 d + 2ndf)."""
-    return 4 * n * d * d + 2 * n * n * d + 2 * n * d * ffn
+def layer_flops(n: int, d: int, ffn: int, mlp_matrices: int = 2) -> float:
+    """One transformer layer over ``n`` tokens (4nd^2 + 2n^2 d + 2ndf); ``mlp_matrices=3`` counts a
+    gated MLP's three matrices (4nd^2 + 2n^2 d + 3ndf), as LLaMA has."""
+    return 4 * n * d * d + 2 * n * n * d + mlp_matrices * n * d * ffn
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from zoo_prune import ESTIMATORS, GroupedProjector, draw_directions, precompute, select_tokens, zo_sensitivity
+from zoo_prune.timing import Session, time_call
 
 # name: (description, tokens per image, keep for the selection timing)
 SHAPES = {
@@ -100,20 +99,16 @@ def run_cell(shape: str, estimator: str, m: int, repeats: int, device: str, save
     except TypeError as error:  # not a Linear-act-Linear projector
         return {"shape": shape, "estimator": estimator, "unsupported": str(error).split(";")[0]}
     run(features[:4])  # warm-up
-    times = []
-    while len(times) < repeats and sum(times) < 5.0:
-        sync()
-        start = time.perf_counter()
-        sensitivity = run(features)
-        sync()
-        times.append(time.perf_counter() - start)
+    timing = time_call(lambda: run(features), repeats=repeats, warmup=0, device=device, max_seconds=5.0)
+    sensitivity = run(features)
     peak = peak_memory_mib(device, baseline)
     with FlopCounterMode(display=False) as counter:
         run(features)
     torch.save(sensitivity.cpu(), save)
     return {
         "shape": shape, "estimator": estimator, "tokens": features.shape[0], "m": m,
-        "precompute_s": precompute_s, "seconds": statistics.median(times), "runs": len(times),
+        "precompute_s": precompute_s, "seconds": timing.median, "min_s": timing.minimum, "max_s": timing.maximum,
+        "runs": len(timing.seconds),
         "gflops": counter.get_total_flops() / 1e9, "peak_extra_mib": peak,
     }
 
@@ -127,15 +122,8 @@ def time_selection(shape: str, k: int, repeats: int, device: str) -> dict:
     s = torch.rand(n, generator=generator).to(device)
     row = {"shape": shape, "tokens": n, "k": k}
     for fusion in ("multiply", "diversity"):
-        select_tokens(z, k, sensitivity=s, fusion=fusion)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            select_tokens(z, k, sensitivity=s, fusion=fusion)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        row[fusion + "_ms"] = 1e3 * statistics.median(times)
+        timing = time_call(lambda: select_tokens(z, k, sensitivity=s, fusion=fusion), repeats=repeats, device=device)
+        row[fusion + "_ms"] = 1e3 * timing.median
     return row
 
 
@@ -182,8 +170,8 @@ def main() -> None:
     if "naive" not in args.estimators:
         parser.error("--estimators must include naive: every ratio is measured against it")
 
-    # Other processes on the machine distort every timing: say how loaded it was.
-    load_before = os.getloadavg()[0]
+    # Other processes on the machine distort every timing: say how loaded it was (zoo_prune.timing).
+    session = Session().__enter__()
     cells = []
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(shape, est) for shape in args.shapes for est in ["naive"] + [e for e in args.estimators if e != "naive"]]
@@ -200,14 +188,13 @@ def main() -> None:
                 cell["spearman"] = float(spearmanr(torch.load(save).numpy(), naive.numpy()).statistic)
             cells.append(cell)
     selections = [time_selection(shape, SHAPES[shape][2], args.repeats, args.device) for shape in args.shapes]
-
-    machine = (f"{args.device}, {torch.get_num_threads()} threads, load average {load_before:.1f} before / "
-               f"{os.getloadavg()[0]:.1f} after")
+    session.__exit__(None, None, None)
+    machine = f"{args.device}, {session.describe()}"
     table = format_tables(cells, selections, args.m, machine)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "m": args.m,
+    out.write_text(json.dumps({"machine": machine, "conditions": session.conditions(), "m": args.m,
                                "cells": cells, "selection": selections}, indent=2))
     out.with_suffix(".md").write_text(table + "\n")
     print(f"\nwrote {out} and {out.with_suffix('.md')}")

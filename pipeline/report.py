@@ -79,6 +79,13 @@ def sections(params: dict, metrics: dict) -> list[dict]:
     """The report's sections in reading order: title, caption (what the numbers are, on how much data),
     tables (stage markdown ``*.md`` or CSV), figures (under outputs/figures/)."""
     sens, proxy, eff = params.get("sensitivity", {}), metrics.get("proxy", {}), params.get("efficiency", {})
+    timed = metrics.get("efficiency", {})
+    conditions = (f" Timing conditions: {timed.get('conditions/torch_threads', '?')} torch thread(s), 1-min load average "
+                  f"{timed.get('conditions/load_before', float('nan')):.2f} before / "
+                  f"{timed.get('conditions/load_after', float('nan')):.2f} after, "
+                  f"{timed.get('conditions/unsteady_timings', '?')} unsteady timing(s) (outputs/efficiency/conditions.json).")
+    if timed.get("conditions/flagged"):
+        conditions = " **FLAGGED: timed on a loaded machine or with unsteady repeats; not a result.**" + conditions
     proxy_n = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in proxy.items() if k.startswith("samples/"))
     return [
         {"title": "Results (paper Tables 1-4 form)",
@@ -113,11 +120,15 @@ def sections(params: dict, metrics: dict) -> list[dict]:
          "caption": f"{sens.get('overlay_samples', '?')} test images; pruned tokens dimmed.", "tables": [],
          "figures": ["sensitivity/overlays.png"]},
         {"title": "Efficiency on the testbed, measured (Fig. 5)",
-         "caption": f"Milliseconds per image on this CPU: median of {eff.get('repeats', '?')} repeats per image, mean over "
-                    f"{eff.get('samples', '?')} test images; prefill + new tokens = {eff.get('new_tokens', '?')} greedy tokens.",
+         "caption": f"Milliseconds per image on this CPU: median (and min / max) of {eff.get('repeats', '?')} repeats per "
+                    f"image after a warm-up, mean over {eff.get('samples', '?')} test images; prefill + new tokens = "
+                    f"{eff.get('new_tokens', '?')} greedy tokens; GFLOPs counted by the ledger (zoo_prune.flops) on the "
+                    f"model's graph, measured and counted side by side in the figure." + conditions,
          "tables": ["efficiency/testbed.csv"], "figures": ["efficiency/prefill.png", "efficiency/e2e.png"]},
-        {"title": "Paper models: FLOPs by formula (Fig. A, App. D check)",
-         "caption": "Analytic (FastV's convention), not measured; App. D's value where the paper gives one.",
+        {"title": "Paper models: FLOPs counted on the real graphs (Fig. A, App. D beside)",
+         "caption": "The ledger (zoo_prune.flops): each model built from its configuration on the meta device, 2 FLOPs per "
+                    "multiply-add by part; counted, not measured. App. D's value where the paper gives one (no convention "
+                    "reproduces it: benchmarks/results/flops.md).",
          "tables": ["efficiency/paper_flops.csv"], "figures": ["efficiency/flops_llava_next_7b.png"]},
         {"title": "One 7B-width decoder layer on this CPU",
          "caption": f"Random weights, fp32, median of {eff.get('layer_repeats', '?')} repeats.",

@@ -223,6 +223,7 @@ class Efficiency(Section):
     text_tokens: Count
     layer_tokens: Annotated[list[Count], Field(min_length=1)]
     layer_repeats: Count
+    threads: Count  # torch threads while timing (zoo_prune.timing pins them)
 
 
 class PaperModel(Section):

@@ -1,6 +1,7 @@
 """The experiment pipeline: stages on a tiny workspace (random-weight testbed model), their failure
 behaviour, W&B runs read back from the offline files, and the analysis functions by hand."""
 
+import json
 import math
 import re
 
@@ -268,18 +269,30 @@ def test_results_name_a_run_without_per_sample_table(workspace, wandb_disabled, 
     assert not paths["out"].exists() and not leftovers(tmp_path)
 
 
-def test_efficiency_stage_measures_every_method_and_checks_app_d(workspace, wandb_disabled):
+def test_efficiency_stage_measures_every_method_counts_flops_and_records_conditions(workspace, wandb_disabled, tmp_path):
     paths = stage_paths(workspace, "efficiency")
-    run_stage(efficiency, workspace, **paths)
+    params = small_params()
+    params["paper"]["models"] = {"llava-1.5-7b": params["paper"]["models"]["llava-1.5-7b"]}  # one model keeps it fast
+    write_params(tmp_path, params)
+    run_stage(efficiency, workspace, params=str(tmp_path / "params.yaml"), **paths)
     testbed = pd.read_csv(paths["out"] / "testbed.csv")
     assert len(testbed) == 1 + 4 * 2 and (testbed[["prefill_ms", "e2e_ms"]] > 0).all().all()
-    assert (testbed["e2e_ms"] > testbed["prefill_ms"]).all()  # prefill + new tokens
+    assert (testbed["prefill_min_ms"] <= testbed["prefill_ms"]).all() and (testbed["prefill_ms"] <= testbed["prefill_max_ms"]).all()
+    # FLOPs from the ledger: the sensitivity part only for the methods that compute sensitivities
+    assert (testbed.loc[testbed.method.isin(["zoo", "sum_fusion", "sensitivity_only"]), "gflops_sensitivity"] > 0).all()
+    assert (testbed.loc[testbed.method.isin(["unpruned", "divprune"]), "gflops_sensitivity"] == 0).all()
+    unpruned = testbed[testbed.method == "unpruned"].iloc[0]
+    assert (testbed.loc[testbed.tokens == 16, "gflops_llm"] < unpruned["gflops_llm"]).all()
     paper = pd.read_csv(paths["out"] / "paper_flops.csv")
-    next7b = paper[(paper.model == "llava-next-7b") & (paper.tokens == 160) & (paper.method == "zoo")].iloc[0]
-    assert next7b["paper_app_d"] == 0.94 and next7b["tflops_llm_visual_only"] == pytest.approx(0.81, rel=0.01)
+    row = paper[(paper.model == "llava-1.5-7b") & (paper.method == "unpruned")].iloc[0]
+    assert row["tflops_llm"] == pytest.approx(32 * 2 * 636 * (4 * 4096**2 + 3 * 4096 * 11008) / 1e12 + 32 * 4 * 636**2 * 4096 / 1e12)
+    assert set(paper.loc[paper.method == "zoo", "estimator"]) == {"fused"}  # auto on a Linear-GELU-Linear projector
+    conditions = json.loads((paths["out"] / "conditions.json").read_text())
+    assert conditions["torch_threads"] == params["efficiency"]["threads"]
+    assert {"load_average_1min_before", "load_average_1min_after", "flagged"} <= set(conditions)
     metrics = yaml.safe_load(paths["metrics"].read_text())
-    assert metrics["paper_check/ratio_to_app_d_11.8"] > 0
-    assert {p.name for p in paths["figures"].glob("*.png")} == {"prefill.png", "e2e.png", "flops_llava_next_7b.png",
+    assert metrics["conditions/flagged"] == conditions["flagged"]
+    assert {p.name for p in paths["figures"].glob("*.png")} == {"prefill.png", "e2e.png", "flops_llava_1_5_7b.png",
                                                                  "layer_cpu.png"}
 
 
