@@ -48,6 +48,9 @@ from zoo_prune.timing import Session  # noqa: E402
 MODEL = "llava-1.5-7b"
 BUDGETS = (192, 128, 64)
 ACCEPTANCE = ("zoo:closed_form", "divprune", 64, 0.9)  # closed-form ZOO-Prune >= 0.9 x DivPrune's speed-up
+# Unsteady timings (zoo_prune.timing) disqualify the run when their spreads add up to more than this
+# share of the unpruned prefill (a few ms of jitter on a 5 ms selection cannot move a ratio here).
+MATERIAL = 0.01
 
 
 def randomise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -156,7 +159,6 @@ def main() -> None:
             timed(f"decoder/{tokens}", decoder(tokens))
 
     conditions = session.conditions()
-    conditions["machine"] = session.describe()
     per_layer = {t: timings[f"decoder/{t}"]["median_s"] / args.layers for t in lengths}
 
     # counted on the same projector module (its SVD and Gram matrix are cached by then)
@@ -208,6 +210,7 @@ def main() -> None:
         "acceptance": {"rule": f"{zoo_name} speed-up >= {needed} x {ref_name}'s at {k} tokens",
                        "reference": ref_name, "keep": k, "ratio": achieved, "holds": achieved >= needed},
     }
+    judge(result, total_base)
     text_md = render(result, total_base, flops_base)
     print(text_md)
     out = Path(args.out)
@@ -217,11 +220,27 @@ def main() -> None:
     print(f"\nwrote {out} and {out.with_suffix('.md')}")
 
 
+def judge(result: dict, total_base: float) -> None:
+    """The run is flagged when the machine was loaded, or when its unsteady timings' spreads add up to
+    more than ``MATERIAL`` of the unpruned prefill; immaterial ones are listed, not disqualifying."""
+    c = result["conditions"]
+    c["unsteady_spread_s"] = sum(result["timings"][n]["max_s"] - result["timings"][n]["min_s"]
+                                 for n in c["unsteady_timings"])
+    c["unsteady_material"] = c["unsteady_spread_s"] > MATERIAL * total_base
+    c["flagged"] = c["loaded"] or c["unsteady_material"]
+
+
 def render(result: dict, total_base: float, flops_base: float) -> str:
     c = result["conditions"]
     flag = "**FLAGGED: timings taken on a loaded machine or unsteady; not a result.** " if c["flagged"] else ""
+    if c["unsteady_timings"] and not c["unsteady_material"]:
+        flag += (f"(Unsteady but immaterial: {', '.join(c['unsteady_timings'])}, spreads adding up to "
+                 f"{c['unsteady_spread_s'] * 1e3:.1f} ms, {c['unsteady_spread_s'] / total_base:.3%} of the unpruned "
+                 "prefill.) ")
     lines = [
-        f"{flag}LLaVA-1.5-7B prefill on this CPU, **random weights** ({result['dtype']}, {c['machine']}); "
+        f"{flag}LLaVA-1.5-7B prefill on this CPU, **random weights** ({result['dtype']}, {c['torch_threads']} torch "
+        f"threads on {c['cores']} cores, 1-min load average {c['load_average_1min_before']:.2f} before / "
+        f"{c['load_average_1min_after']:.2f} after{' -- LOADED' if c['loaded'] else ', not loaded'}); "
         f"{result['decoder_layers_timed']} of {result['decoder_layers_scaled_to']} decoder layers timed, per-layer time "
         f"scaled to {result['decoder_layers_scaled_to']} layers; {result['text_tokens']} text tokens; median of "
         f"{result['repeats']} repeats after a warm-up (naive: one run). Unpruned: {total_base:.2f} s, "
