@@ -307,3 +307,24 @@ def test_a_failing_document_is_scored_empty_and_the_run_goes_on(in_workdir):
     assert "corrupt image" in failure["error"]
     answers = [s["resps"] for task in TASKS for s in results["samples"][task]]
     assert sum(a == [[""]] or a == [""] for a in answers) >= 1 and len(answers) == 10
+
+
+def test_a_method_registered_in_user_code_runs_through_the_lmms_eval_model(in_workdir, monkeypatch):
+    """``import=<module>`` loads the user's module (here a file on the path) before the method is looked up."""
+    (in_workdir / "user_methods_for_lmms.py").write_text(
+        "import torch\n"
+        "from dataclasses import dataclass\n"
+        "from zoo_prune import register_method\n"
+        "from zoo_prune.methods import ProjectorMethod\n\n"
+        "@register_method('last_k_user')\n"
+        "@dataclass\n"
+        "class LastK(ProjectorMethod):\n"
+        "    def select(self, features, projected, k, *, projector):\n"
+        "        n = projected.shape[-2]\n"
+        "        return torch.arange(n - k, n).expand(*projected.shape[:-2], k)\n")
+    monkeypatch.syspath_prepend(str(in_workdir))
+    model = make_model(in_workdir, method="last_k_user", m=None, seed=None, **{"import": "user_methods_for_lmms"})
+    image_tokens = record_image_tokens(model)
+    results = evaluate(model, limit=1)
+    assert set(TASKS) <= set(results["results"]) and [n for n in image_tokens if n] == [KEEP] * len(TASKS)
+    assert model.pruning.kept_indices[0].tolist() == list(range(TOKENS - KEEP, TOKENS))

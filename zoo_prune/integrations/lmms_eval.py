@@ -18,6 +18,9 @@ Model arguments besides the backend's own:
 * ``method`` (``zoo``; ``none`` = unpruned), ``keep`` (count or ratio; ``keep=1.0`` = unpruned) and
   the method's options (``m``, ``h``, ``seed``, ``estimator``, ``rank``, ...), which go to
   ``apply_pruning`` (it names any unknown one);
+* ``import=module`` (several joined by ``+``): modules imported before the method is looked up, so
+  that a method registered in your own code (``register_method``) runs from lmms-eval's command
+  line: ``--model_args pretrained=...,import=my_methods,method=top_norm,keep=64``;
 * ``batch_size`` (lmms-eval's ``--batch_size``): :class:`ZooPruneLlava` generates a batch of
   documents in one left-padded call (lmms-eval's ``llava_hf`` asserts batch size 1); the answers
   equal batch size 1's (tests/test_lmms_eval.py);
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import inspect
 import io
 import json
@@ -115,6 +119,9 @@ class PruningModel:
 
     def __init__(self, pretrained: str = "llava-hf/llava-1.5-7b-hf", method: str = "zoo", keep: int | float = 64,
                  resume_cache: str | None = None, **kwargs):
+        for module in str(kwargs.pop("import", "") or "").split("+"):
+            if module:
+                importlib.import_module(module)  # registers the user's methods
         backend_init = next(c for c in type(self).__mro__ if issubclass(c, lmms) and not issubclass(c, PruningModel)).__init__
         accepted = [name for name, p in inspect.signature(backend_init).parameters.items()
                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"]
