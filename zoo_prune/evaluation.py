@@ -11,7 +11,7 @@ run exists and holds every requested task: lmms-eval can exit 0 after a failure.
 
 Resume: with ``use_cache`` (default) each answer is stored as soon as it exists, under
 ``DEFAULT_CACHE`` (outside ``output_dir``), keyed on the model arguments and a hash of the weights
-(see ``zoo_prune.lmms_eval_plugin``); a killed run started again reuses them.
+(see ``zoo_prune.integrations.lmms_eval``); a killed run started again reuses them.
 
 Interruption: lmms-eval runs in its own process group. An exception in the caller (Ctrl-C, or the
 pipeline's SIGTERM handler) stops the whole group (SIGTERM, SIGKILL after 10 s); on Linux the child
