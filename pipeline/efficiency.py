@@ -138,7 +138,7 @@ def main(argv=None) -> None:
         ledger = Ledger.of(model, "testbed")
         records = []
         configs = [("unpruned", None)] + [(m, k) for m in methods for k in s.params["budgets"]]
-        with Session(threads=cfg["threads"]) as session:
+        with Session(threads=cfg["threads"], settle=60.0) as session:  # the previous stage's load decays first
             for method, keep in tqdm(configs, desc="efficiency: timing", unit="run"):
                 options = method_options(method, s.params)
                 result = measure(session, model, processor, rows, method, keep, options, cfg)

@@ -156,3 +156,10 @@ def test_session_pins_threads_and_flags_a_loaded_machine(monkeypatch):
     with timing.Session(threads=1) as quiet:
         pass
     assert not quiet.conditions()["flagged"]  # 1.3 - 1 = 0.3 <= 1.0
+
+    # the previous stage's load still in the 1-minute average: settle waits for it to decay below the limit
+    loads = iter([1.5, 1.2, 0.8, 0.8, 1.1])
+    monkeypatch.setattr(timing.time, "sleep", lambda seconds: None)
+    with timing.Session(threads=1, settle=60.0) as settled:
+        pass
+    assert settled.load_before == 0.8 and not settled.conditions()["flagged"]

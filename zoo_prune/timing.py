@@ -125,9 +125,11 @@ class Session:
     average before and after, and collects every :class:`Timing` taken through :meth:`time`."""
 
     threads: int | None = None
+    settle: float = 0.0  # seconds at most to wait, before timing, for the load of what ran just before to decay
     timings: dict = field(default_factory=dict)
     load_before: float | None = None
     load_after: float | None = None
+    settled_seconds: float = 0.0
     _previous_threads: int | None = None
 
     def __enter__(self) -> "Session":
@@ -136,6 +138,12 @@ class Session:
                 raise ValueError(f"threads must be an int >= 1, got threads={self.threads!r}")
             self._previous_threads = torch.get_num_threads()
             torch.set_num_threads(self.threads)
+        start = time.monotonic()
+        # The 1-minute load average lags: processes that just ended (a pipeline's previous stage)
+        # still count for a minute. Wait up to ``settle`` seconds for it to fall below the limit.
+        while time.monotonic() - start < self.settle and load_average() > LOADED_FRACTION * cores():
+            time.sleep(min(2.0, self.settle))
+        self.settled_seconds = time.monotonic() - start
         self.load_before = load_average()
         return self
 
@@ -170,6 +178,7 @@ class Session:
             "load_average_1min_before": self.load_before,
             "load_average_1min_after": self.load_after,
             "loaded_limit": LOADED_FRACTION * cores(),
+            "settled_seconds": round(self.settled_seconds, 1),
             "loaded": self.loaded,
             "max_spread": MAX_SPREAD,
             "unsteady_timings": unsteady,
