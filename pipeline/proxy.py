@@ -36,7 +36,9 @@ def vision_side(model, embeds: torch.Tensor) -> torch.Tensor:
     hidden = tower.pre_layrnorm(embeds)
     for block in layers[:depth]:
         hidden = block(hidden, None)
-    return model.model.multi_modal_projector(hidden[:, 1:])
+    from zoo_prune import adapter_for
+
+    return adapter_for(model).projector(hidden[:, 1:])
 
 
 def encoder_backward(model, embeds: torch.Tensor, q: int, seed: int) -> torch.Tensor:
@@ -133,7 +135,7 @@ def main(argv=None) -> None:
     p = parser(__doc__, "proxy")
     args = p.parse_args(argv)
     with stage("proxy", args, ["zoo", "proxy"], ["out", "metrics", "figures"]) as s:
-        from zoo_prune import get_method
+        from zoo_prune import adapter_for, get_method
         from zoo_prune.adapters import record_io
 
         cfg, zoo = s.params["proxy"], s.params["zoo"]
@@ -143,7 +145,7 @@ def main(argv=None) -> None:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         embeddings = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower).embeddings
-        projector = model.model.multi_modal_projector
+        projector = adapter_for(model).projector
         records = []
         n = cfg["samples"]
         for t, task in enumerate(cfg["tasks"]):  # disjoint images per task (a scene asks every family)
