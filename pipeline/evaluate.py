@@ -92,13 +92,19 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
     return found
 
 
-def with_seed(params: dict, seed: int | None) -> dict:
-    """``params`` with ``seed`` as every method's seed (``zoo.seed``, ``baselines.seed``); unchanged when None."""
+def with_seed(params: dict, seed: int | None, method: str) -> dict:
+    """``params`` with ``seed`` as ``method``'s seed in the section its registry entry names
+    (``zoo.seed``, ``baselines.seed``); unchanged when None."""
+    from zoo_prune import method_class
+
     if seed is None:
         return params
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise StageError(f"--seed {seed!r} must be an int >= 0")
-    return {**params, **{k: {**params[k], "seed": seed} for k in ("zoo", "baselines") if k in params}}
+    if method == UNPRUNED or not method_class(method).stochastic() or method_class(method).params_section is None:
+        raise StageError(f"--seed {seed}: method {method!r} takes no seed from params")
+    section = method_class(method).params_section
+    return {**params, section: {**params[section], "seed": seed}}
 
 
 def run_info(method: str, keep, params: dict, samples: pd.DataFrame) -> dict:
@@ -195,7 +201,7 @@ def main(argv=None) -> None:
         from zoo_prune.evaluation import run_lmms_eval
 
         check_run(args.method, args.keep, s.params)
-        params = with_seed(s.params, args.seed)
+        params = with_seed(s.params, args.seed, args.method)
         scores, samples = {}, []
         for run in runs(args.method, args.keep, params, s.profile, args.model, s.out["out"]):
             results = run_lmms_eval(**run)
