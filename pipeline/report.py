@@ -40,7 +40,7 @@ COLUMNS = {
     "score": ("score (%: F1 for existence, else accuracy)", _percent), "questions": ("questions", str),
     "method": ("method", str), "model": ("model", str), "tokens": ("visual tokens", str),
     "prefill_ms": ("prefill (ms)", _fixed(1)), "e2e_ms": ("prefill + new tokens (ms)", _fixed(1)),
-    "text_tokens": ("text tokens", str), "gflops": ("GFLOPs (prefill, analytic)", _fixed(3)),
+    "text_tokens": ("text tokens", str), "gflops": ("GFLOPs (prefill, counted by the ledger)", _fixed(3)),
     "gflops_pruning": ("GFLOPs of the pruning step", _fixed(3)),
     "tflops": ("TFLOPs (prefill, formula)", _fixed(2)), "tflops_llm_visual_only": ("TFLOPs (LLM over visual tokens)", _fixed(2)),
     "paper_app_d": ("paper App. D TFLOPs", _fixed(2)), "seconds": ("seconds per forward", _fixed(3)),
