@@ -181,20 +181,18 @@ class PruningModel:
         answers are stored as soon as it is done."""
         cache = self.answer_store()
         size = max(1, int(getattr(self, "batch_size_per_gpu", 1) or 1))
-        order = sorted(range(len(requests)), key=lambda i: _batch_key(requests[i]))  # equal generation settings together
+        groups: dict[str, list[int]] = {}  # requests that may share a batch (same task, split, settings)
+        for i, request in enumerate(requests):
+            groups.setdefault(_batch_key(request), []).append(i)
+        chunks = [rows[start:start + size] for rows in groups.values() for start in range(0, len(rows), size)]
         answers = [None] * len(requests)
         backend = _Answerer(self._answer_or_fail)
         logger.disable(PER_CALL_LOG)  # the backend's throughput line per call (the final table still counts them)
         try:
-            for start in tqdm(range(0, len(order), size), desc="zoo_prune answering", disable=self.rank != 0):
-                chunk = order[start:start + size]
+            for chunk in tqdm(chunks, desc="zoo_prune answering", disable=self.rank != 0):
                 batch = [requests[i] for i in chunk]
-                if any(_batch_key(r) != _batch_key(batch[0]) for r in batch):  # split at a change of settings
-                    results = [a for r in batch for a in (cache.execute(backend, "generate_until", [r]) if cache else
-                                                          self._answer_or_fail([r]))]
-                else:
-                    with contextlib.redirect_stderr(io.StringIO()):  # the backend's own progress bar per call
-                        results = cache.execute(backend, "generate_until", batch) if cache else self._answer_or_fail(batch)
+                with contextlib.redirect_stderr(io.StringIO()):  # the backend's own progress bar per call
+                    results = cache.execute(backend, "generate_until", batch) if cache else self._answer_or_fail(batch)
                 for i, result in zip(chunk, results):
                     answers[i] = result
         finally:
