@@ -5,7 +5,7 @@ import torch
 
 from conftest import NormMerger, make_features, make_mlp
 from zoo_prune import GroupedProjector, available_methods, get_method, register_method, select_tokens, zo_sensitivity
-from zoo_prune.methods import PruningMethod
+from zoo_prune.methods import ProjectorMethod, PruningMethod
 
 
 def test_registered_names():
@@ -42,14 +42,16 @@ def test_divprune_and_random():
 
 def test_register_a_new_method():
     @register_method("first_k_test")
-    class FirstK(PruningMethod):
+    class FirstK(ProjectorMethod):
         def select(self, features, projected, k, *, projector):
-            return torch.arange(k)
+            return torch.arange(k).expand(*projected.shape[:-2], k)  # (k,) or (B, k), as select promises
 
     assert "first_k_test" in available_methods()
     assert get_method("first_k_test").select(None, torch.zeros(5, 2), 3, projector=None).tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="'first_k_test' is already registered"):
         register_method("first_k_test")(FirstK)
+    with pytest.raises(ValueError, match="kind ''"):  # a method must be one of the three kinds
+        register_method("kindless_test")(type("Kindless", (PruningMethod,), {}))
 
 
 def test_pooling_grid_sizes_for_the_papers_and_the_testbeds_budgets():

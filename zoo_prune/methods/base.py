@@ -83,7 +83,7 @@ class PruningMethod:
     """Base of every method: options are dataclass fields; the kind's ``attach`` does the rest."""
 
     name: ClassVar[str] = ""
-    kind: ClassVar[str] = "projector"
+    kind: ClassVar[str] = ""  # set by the three kinds below; register_method refuses anything else
     params_section: ClassVar[str | None] = None  # params.yaml section holding its options
 
     @classmethod
@@ -95,10 +95,6 @@ class PruningMethod:
     def stochastic(cls) -> bool:
         """Whether results depend on a random draw (then ``seed`` is one of its options)."""
         return "seed" in cls.options()
-
-    @property
-    def stage(self) -> str:  # the name this attribute had before the kinds were classes
-        return self.kind
 
     def attach(self, adapter: "ModelAdapter") -> "Attachment":
         raise NotImplementedError
