@@ -132,7 +132,7 @@ def markdown_table(table: pd.DataFrame, percent_cols=(), digits: int = 1) -> str
     return "\n".join([header, rule, *rows]) + "\n"
 
 
-RUN_NAME = re.compile(r"^(?P<method>.+)-(?P<keep>\d+)(?:-seed(?P<seed>\d+))?$")
+RUN_NAME = re.compile(r"^(?P<method>.+)-(?P<keep>\d+(?:\.\d+)?)(?:-seed(?P<seed>\d+))?$")  # keep: 64, or a ratio 0.2
 
 
 def run_name(method: str, keep: int | None = None, seed: int | None = None) -> str:
@@ -149,8 +149,8 @@ def parse_run_name(name: str) -> tuple[str, int | None, int | None]:
     found = RUN_NAME.match(name)
     if not found:
         raise ValueError(f"evaluate run folder {name!r} is not <method>-<keep>[-seed<s>] or {UNPRUNED!r}")
-    seed = found["seed"]
-    return found["method"], int(found["keep"]), None if seed is None else int(seed)
+    seed, keep = found["seed"], found["keep"]
+    return found["method"], float(keep) if "." in keep else int(keep), None if seed is None else int(seed)
 
 
 def read_runs(folder, expected: list[tuple[str, int | None]] | None = None) -> pd.DataFrame:

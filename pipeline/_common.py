@@ -68,18 +68,14 @@ def checkpoint_reachable(name: str) -> bool:
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
-def check_profile(params: dict) -> str:
-    """The profile; for ``paper``, raise unless every paper checkpoint is reachable (before any output)."""
+def check_profile(params: dict, params_path) -> str:
+    """The profile. Under ``paper`` the folder's plan must match the params (DVC runs its entries); each
+    stage then looks for its own model's checkpoint (an absent one is skipped by name, never the others)."""
     profile = params["profile"]
     if profile == "paper":
-        models = params.get("paper", {}).get("models", {})
-        missing = [spec["pretrained"] for spec in models.values() if not checkpoint_reachable(spec["pretrained"])]
-        if missing or not models:
-            raise StageError(
-                f"profile 'paper' needs the checkpoints {missing or '(none listed in params paper.models)'}, which are not "
-                "reachable here (no local folder, not in the Hugging Face cache; set HF_HOME or download them on a GPU "
-                "machine). Nothing was written. To see the lmms-eval commands it would run: "
-                "python -m pipeline.evaluate --profile paper --dry-run")
+        from .plan import check
+
+        check(params_path, params)
     return profile
 
 
@@ -227,11 +223,11 @@ class Stage:
 
 
 def parser(description: str, name: str | None = None, inputs=("model", "data")) -> argparse.ArgumentParser:
-    """The common CLI: --params, --profile, the ``inputs`` (--model, --data, --runs) and, for a stage
+    """The common CLI: --params, the ``inputs`` (--model, --data, --runs) and, for a stage
     ``name``, its outputs --out outputs/<name>, --metrics outputs/metrics/<name>.json, --figures outputs/figures/<name>."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--profile", choices=PROFILES, help="override params' profile")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file (default: params.yaml, the testbed; paper/params.yaml: the paper profile)")
     defaults = {"model": "models/testbed-llava", "data": "data/testbed", "runs": "outputs/evaluate"}
     for key in inputs:
         p.add_argument(f"--{key}", default=defaults[key])
@@ -248,13 +244,12 @@ def setup_logging() -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str, args: argparse.Namespace, section_names: list[str], outputs: list[str] = (),
-          testbed_only: bool = True):
+def stage(name: str, args: argparse.Namespace, section_names: list[str], outputs: list[str] = ()):
     """Run one stage: params and profile checked, outputs written to temp siblings, published on success.
 
     ``outputs`` are names of ``args`` attributes holding output paths (files or folders); inside the
-    block ``s.out[name]`` is the temporary path to write instead. ``testbed_only`` stages refuse the
-    paper profile (only evaluate runs the paper's checkpoints so far).
+    block ``s.out[name]`` is the temporary path to write instead. Under the paper profile the stage's
+    sections include ``paper`` (its models, tasks and device).
     """
     setup_logging()
     tmp, run_dir = {}, None
@@ -263,12 +258,7 @@ def stage(name: str, args: argparse.Namespace, section_names: list[str], outputs
     previous = stop_on_signals()
     try:
         params = load_params(args.params, ["profile", "wandb", *section_names])
-        if getattr(args, "profile", None):
-            params["profile"] = args.profile
-        profile = check_profile(params)
-        if testbed_only and profile != "testbed":
-            raise StageError(f"stage {name} is implemented for the testbed profile only (profile {profile!r}); "
-                             "the paper profile runs the evaluate stages")
+        profile = check_profile(params, args.params)
         own = sections(params, section_names)
         if profile == "testbed":
             check_inputs(args)

@@ -2,7 +2,9 @@
 
     python -m pipeline.evaluate --method zoo --keep 48 --out outputs/evaluate/zoo-48
     python -m pipeline.evaluate --method unpruned --out outputs/evaluate/unpruned
-    python -m pipeline.evaluate --profile paper --dry-run        # print every lmms-eval command of the paper
+    python -m pipeline.evaluate --params paper/params.yaml --paper-model llava-1.5-7b --method zoo --keep 64 \
+        --out paper/outputs/evaluate/llava-1.5-7b/zoo-64                # one entry of the paper profile
+    python -m pipeline.evaluate --params paper/params.yaml --dry-run  # print every lmms-eval command of the paper
 
 Runs ``zoo_prune.evaluation.run_lmms_eval`` (model ``zoo_prune``, answers resumable from
 ``outputs/lmms_cache``) and writes ``--out``: ``results.json`` (lmms-eval's), ``scores.json``
@@ -12,13 +14,16 @@ options, questions per task) and ``lmms_eval/`` (its samples and log); ``--metri
 ``--seed S`` overrides the method's seed (``zoo.seed`` / ``baselines.seed``): run ``<method>-<keep>-seed<S>``.
 W&B: config keys ``method``, ``keep``, ``seed``; summary ``score/<task>``, ``score/mean``; a table of
 ``wandb.samples`` questions per task (image with the kept tokens, question, answer, prediction, correct).
-Profile ``paper``: every model of ``paper.models`` at its own budget of the same level
-(``budgets[i]`` -> ``paper.models.<model>.budgets[i]``), the paper's tasks, ``paper.device``.
+Profile ``paper`` (paper/dvc.yaml, one entry per model x method x budget of paper/plan.yaml): the model
+``--paper-model`` of ``paper.models`` at one of its own budgets, on ``paper.tasks`` (``paper.limit``
+documents each), ``paper.device`` and ``paper.dtype``, ``paper.num_processes`` GPUs; answers resumable from
+``<paper.dir>/cache/lmms``. An absent checkpoint writes ``skipped.json`` instead (pipeline._paper).
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 
@@ -41,11 +46,11 @@ def method_options(method: str, params: dict) -> dict:
     return {k: v for k, v in params[cls.params_section].items() if k in cls.options()}
 
 
-def sections_for(method: str) -> list[str]:
+def sections_for(method: str, paper: bool) -> list[str]:
     from zoo_prune import method_class
 
     section = None if method == UNPRUNED else method_class(method).params_section
-    return ["evaluate", "budgets", "paper"] + ([section] if section else [])
+    return ["evaluate", "budgets"] + (["paper"] if paper else []) + ([section] if section else [])
 
 
 def supports(pretrained: str, method: str) -> bool:
@@ -64,8 +69,9 @@ def supports(pretrained: str, method: str) -> bool:
     return adapter is None or method_class(method).kind in adapter.supports
 
 
-def runs(method: str, keep: int | None, params: dict, profile: str, model: str, out) -> list[dict]:
-    """The lmms-eval runs (model args, tasks, output folder, launcher) of one pipeline run."""
+def runs(method: str, keep, params: dict, profile: str, model: str, out) -> list[dict]:
+    """The lmms-eval run (model args, tasks, output folder, launcher) of one pipeline run: ``model`` is the
+    testbed model's folder, or under the paper profile a model of ``paper.models`` (keep: one of its budgets)."""
     from zoo_prune import method_class
 
     evaluate = params["evaluate"]
@@ -75,21 +81,15 @@ def runs(method: str, keep: int | None, params: dict, profile: str, model: str, 
                  "output_dir": f"{out}/lmms_eval", "limit": evaluate["limit"], "device": "cpu",
                  "batch_size": evaluate["batch_size"]}]
     paper = params["paper"]
-    level = None if method == UNPRUNED else params["budgets"].index(keep)
-    found = []
-    for name, spec in paper["models"].items():
-        args = dict(base)
-        if level is not None:
-            if level >= len(spec["budgets"]) or not supports(spec["pretrained"], method):
-                continue  # Qwen2.5-VL: two budgets, no vision-stage method (method.md section 3-4)
-            args["keep"] = spec["budgets"][level]
-            if "estimator" in spec and "estimator" in method_class(method).options():  # the paper's LLaVA-NeXT: lowrank
-                args["estimator"] = spec["estimator"]
-        found.append({"model_args": {"pretrained": spec["pretrained"], **args}, "tasks": paper["tasks"],
-                      "output_dir": f"{out}/{name}", "limit": None, "device": paper["device"],
-                      "num_processes": paper.get("num_processes", 1), "include_path": None,
-                      "batch_size": paper.get("batch_size", 1)})
-    return found
+    spec = paper["models"][model]
+    if method != UNPRUNED and "estimator" in method_class(method).options() and spec.get("estimator"):
+        base["estimator"] = spec["estimator"]  # the paper's LLaVA-NeXT: lowrank
+    if spec["architecture"].startswith("Llava"):  # lmms-eval's llava_hf takes a dtype; its qwen2_5_vl picks its own
+        base["dtype"] = paper["dtype"]
+    return [{"model_args": {"pretrained": spec["pretrained"], **base}, "tasks": paper["tasks"],
+             "output_dir": f"{out}/lmms_eval", "limit": paper["limit"], "device": paper["device"],
+             "num_processes": paper["num_processes"], "include_path": paper["include_path"],
+             "batch_size": paper["batch_size"], "use_cache": str(Path(paper["dir"]) / "cache" / "lmms")}]
 
 
 def with_seed(params: dict, seed: int | None, method: str) -> dict:
@@ -171,21 +171,29 @@ def sample_rows(model_dir, data_dir, info: dict, samples: pd.DataFrame, per_task
     return rows
 
 
-def check_run(method: str, keep, params: dict) -> None:
+def check_run(method: str, keep, params: dict, model: str | None = None) -> None:
+    """A known method at one of the budgets (the testbed's, or ``model``'s own under the paper profile)."""
     from zoo_prune import available_methods
 
     if method != UNPRUNED and method not in available_methods():
         raise StageError(f"unknown method {method!r}; choose {UNPRUNED!r} or one of {available_methods()}")
-    if method != UNPRUNED and keep not in params["budgets"]:
-        raise StageError(f"--keep {keep} is not one of params budgets {params['budgets']}")
+    budgets = params["budgets"] if model is None else params["paper"]["models"][model]["budgets"]
+    if method != UNPRUNED and keep not in budgets:
+        where = "params budgets" if model is None else f"params paper.models.{model}.budgets"
+        raise StageError(f"--keep {keep} is not one of {where} {budgets}")
 
 
 def main(argv=None) -> None:
+    from zoo_prune.demo import parse_keep
+
+    from ._common import load_params as read_params
+
     p = parser(__doc__, inputs=("model",))
     p.add_argument("--method", help=f"{UNPRUNED!r} or a zoo_prune method (all of them with --dry-run when omitted)")
-    p.add_argument("--keep", type=int, help="visual tokens kept (one of params budgets)")
+    p.add_argument("--keep", type=parse_keep, help="visual tokens kept (one of the budgets; a ratio like 0.2 for Qwen2.5-VL)")
+    p.add_argument("--paper-model", help="paper profile: the model of params paper.models this entry runs")
     p.add_argument("--out", help="output folder (default outputs/evaluate/<method>-<keep>)")
-    p.add_argument("--metrics", help="metrics JSON (default outputs/metrics/evaluate/<method>-<keep>.json)")
+    p.add_argument("--metrics", help="metrics JSON (testbed default outputs/metrics/evaluate/<method>-<keep>.json)")
     p.add_argument("--seed", type=int, help="the method's seed instead of params zoo.seed / baselines.seed")
     p.add_argument("--data", default="data/testbed", help="testbed data (images of the W&B per-sample table)")
     p.add_argument("--dry-run", action="store_true", help="print the lmms-eval commands; run and write nothing")
@@ -194,46 +202,71 @@ def main(argv=None) -> None:
         return dry_run(args)
     if not args.method:
         p.error("--method is required (except with --dry-run)")
+    paper = read_params(args.params, ["profile"])["profile"] == "paper"
+    if paper and not (args.paper_model and args.out):
+        p.error("the paper profile needs --paper-model and --out (paper/dvc.yaml passes them)")
     name = stats.run_name(args.method, args.keep, args.seed)
     args.out = args.out or f"outputs/evaluate/{name}"
-    args.metrics = args.metrics or f"outputs/metrics/evaluate/{name}.json"
-    with stage(f"evaluate/{name}", args, sections_for(args.method), ["out", "metrics"], testbed_only=False) as s:
+    args.metrics = args.metrics or (None if paper else f"outputs/metrics/evaluate/{name}.json")
+    label = f"evaluate/{args.paper_model}/{name}" if paper else f"evaluate/{name}"
+    with stage(label, args, sections_for(args.method, paper), ["out"] + (["metrics"] if args.metrics else [])) as s:
         from zoo_prune.evaluation import run_lmms_eval
 
-        check_run(args.method, args.keep, s.params)
+        from . import _paper
+
+        model = args.model
+        if paper:
+            model = args.paper_model
+            _paper.spec(s.params, model)
+            record = _paper.availability(s.params, model)
+            if not record["available"]:
+                return _paper.skip(s.out["out"], record, label)
+        check_run(args.method, args.keep, s.params, args.paper_model if paper else None)
         params = with_seed(s.params, args.seed, args.method)
-        scores, samples = {}, []
-        for run in runs(args.method, args.keep, params, s.profile, args.model, s.out["out"]):
-            results = run_lmms_eval(**run)
-            prefix = "" if s.profile == "testbed" else run["output_dir"].rsplit("/", 1)[1] + "/"
-            scores |= {prefix + task: score for task, score in stats.task_scores(results).items()}
-            shutil.copy(results["results_path"], f"{run['output_dir']}/results.json")
-            samples.append(stats.lmms_samples(run["output_dir"], results).assign(task=lambda d: prefix + d["task"]))
+        [run] = runs(args.method, args.keep, params, s.profile, model, s.out["out"])
+        results = run_lmms_eval(**run)
+        scores = stats.task_scores(results)
+        shutil.copy(results["results_path"], s.out["out"] / "results.json")
+        samples = stats.lmms_samples(run["output_dir"], results)
         write_json(s.out["out"] / "scores.json", scores)
-        write_json(s.out["metrics"], scores)
-        samples = pd.concat(samples, ignore_index=True)
+        if args.metrics:
+            write_json(s.out["metrics"], scores)
         samples.to_csv(s.out["out"] / "samples.csv", index=False)
-        info = run_info(args.method, args.keep, params, samples)
+        info = run_info(args.method, args.keep, params, samples) | ({"model": model, **{k: record[k] for k in (
+            "pretrained", "revision")}} if paper else {})
         write_json(s.out["out"] / "run.json", info)
         s.log(metrics=scores)
         log_to_wandb(s, info, scores, samples, args)
 
 
 def dry_run(args) -> None:
-    """Print every lmms-eval command the profile would run (all methods and budgets unless --method)."""
+    """Print every lmms-eval command the params' profile would run (all methods and budgets unless --method):
+    the testbed's, or every entry of the paper profile's plan."""
     from zoo_prune import available_methods
     from zoo_prune.evaluation import run_lmms_eval
 
     from ._common import load_params
 
     params = load_params(args.params)
-    profile = args.profile or params["profile"]
+    if params["profile"] == "paper":
+        from .plan import build
+
+        plan = build(params)
+        for group in ("evaluate_unpruned", "evaluate_zoo", "evaluate_baseline", "evaluate_seeds"):
+            for item in plan[group].values():
+                if (args.method and item["method"] != args.method) or (args.paper_model and item["model"] != args.paper_model):
+                    continue
+                out = Path(params["paper"]["dir"]) / "outputs" / "evaluate" / item["model"] / item["run"]
+                run_params = with_seed(params, item.get("seed"), item["method"])
+                for run in runs(item["method"], item.get("keep"), run_params, "paper", item["model"], out):
+                    run_lmms_eval(**run, dry_run=True)
+        return
     methods = [args.method] if args.method else [UNPRUNED, *available_methods()]
     for method in methods:
         for keep in [None] if method == UNPRUNED else ([args.keep] if args.keep else params["budgets"]):
             check_run(method, keep, params)
             out = args.out or f"outputs/evaluate/{UNPRUNED if keep is None else f'{method}-{keep}'}"
-            for run in runs(method, keep, params, profile, args.model, out):
+            for run in runs(method, keep, params, "testbed", args.model, out):
                 run_lmms_eval(**run, dry_run=True)
 
 

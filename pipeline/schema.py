@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 Count = Annotated[int, Field(ge=1)]  # strict: 0.5, True and "3" are refused
@@ -227,9 +227,11 @@ class Efficiency(Section):
 
 
 class PaperModel(Section):
-    pretrained: str
+    pretrained: str  # a hub id (read from the Hugging Face cache) or a local folder
+    architecture: str  # the checkpoint's transformers class: its adapter says which methods apply (the plan)
     budgets: Annotated[list[float], Field(min_length=1)]  # counts (192) or ratios of the tokens (0.2)
     estimator: str | None = None
+    methods: list[str] | None = None  # this model's methods instead of paper.methods (a smaller grid)
 
     @field_validator("budgets")
     @classmethod
@@ -239,15 +241,92 @@ class PaperModel(Section):
             raise _problem(f"budgets {bad}: each is a count of tokens (an integer >= 1) or a ratio in (0, 1)")
         return [int(b) if b >= 1 else b for b in budgets]
 
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, names):
+        return names if names is None else _methods(names)
+
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, name):
+        adapters = _library("adapters")
+        if adapters.adapter_class(name) is None:
+            raise _problem(f"no zoo_prune adapter for {name!r}; adapters: {sorted(adapters.supported_models())}")
+        return name
+
+
+class PaperSensitivity(Section):
+    """The sensitivity stage under the paper profile: real features of benchmark images, per model."""
+
+    task: str  # lmms-eval task whose images are measured and drawn (Fig. 6: GQA)
+    samples: Count
+    overlay_samples: NonNegative  # images drawn: DivPrune vs ZOO-Prune at each of the model's budgets
+
+
+class PaperProxy(Section):
+    model: str  # Fig. 2: LLaVA-1.5-7B
+    tasks: Names  # lmms-eval tasks whose documents are measured (MMMU, POPE)
+    samples: Count  # per task
+
+
+class PaperAblation(Section):
+    model: str  # Table 5: LLaVA-NeXT-7B (the variants of ../params.yaml ablation.variants run on it)
+
+
+class PaperSweep(Section):
+    model: str  # Fig. 4: LLaVA-1.5-7B
+    task: str  # POPE
+    keep: float  # one of the model's budgets (64)
+    limit: Count | None  # documents (null = the whole task)
+
+
+class PaperEfficiency(Section):
+    model: str  # Fig. 5: LLaVA-NeXT-7B
+    task: str  # ScienceQA (images)
+    samples: Count  # documents timed per method and budget
+    new_tokens: Count  # end-to-end latency: prefill + this many greedy tokens
+    warmup: Count  # untimed runs first
+    repeats: Count  # timed runs: the median is reported
+
 
 class Paper(Section):
+    dir: str  # the profile's folder (paper/): its outputs go to <dir>/outputs, its plan to <dir>/plan.yaml
     device: str
+    dtype: Literal["float16", "bfloat16", "float32", "auto"]
     num_processes: Count
     batch_size: Count
+    limit: Count | None  # documents per task (null = all)
+    include_path: str | None  # a folder of extra lmms-eval task YAMLs (local copies of the data; the rehearsal's)
     tasks: Names
     benchmarks: dict[str, str]  # task -> the paper's column it fills
     task_notes: dict[str, str]  # where a task differs from what the paper ran
+    methods: Names  # the pruning methods of Tables 1-4 (each on the models whose adapter supports its kind)
+    seeds: list[NonNegative]  # the stochastic methods again at these seeds (beside zoo.seed / baselines.seed)
     models: Annotated[dict[str, PaperModel], Field(min_length=1)]
+    sensitivity: PaperSensitivity
+    ablation: PaperAblation
+    proxy: PaperProxy
+    sweep: PaperSweep
+    efficiency: PaperEfficiency
+
+    _methods = field_validator("methods")(classmethod(lambda cls, v: _methods(v)))
+
+    @model_validator(mode="after")
+    def _references(self):
+        problems = []
+        for key in ("ablation", "proxy", "sweep", "efficiency"):
+            name = getattr(self, key).model
+            if name not in self.models:
+                problems.append(f"paper.{key}.model = {name!r}: not one of paper.models {list(self.models)}")
+        if self.sweep.model in self.models and self.sweep.keep not in self.models[self.sweep.model].budgets:
+            problems.append(f"paper.sweep.keep = {self.sweep.keep!r}: not one of paper.models.{self.sweep.model}.budgets "
+                            f"{self.models[self.sweep.model].budgets}")
+        unmapped = [t for t in self.tasks if t not in self.benchmarks]
+        if unmapped:
+            problems.append(f"paper.tasks {unmapped}: missing from paper.benchmarks (the paper's column each fills)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class Params(Section):
@@ -265,7 +344,7 @@ class Params(Section):
     ablation: Ablation
     sweep: Sweep
     efficiency: Efficiency
-    paper: Paper
+    paper: Paper | None = None  # the paper profile's section: paper/params.yaml
 
 
 # ---------------------------------------------------------------- checks the methods own
@@ -386,6 +465,33 @@ def load_yaml(path) -> Any:
         raise ParamsError(f"{path}{where}: invalid YAML: {problem or error}") from None
 
 
+def merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over``'s keys set: mappings merge key by key, anything else (lists too) is replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def read(path="params.yaml", _seen=()) -> dict:
+    """The params of a file, resolving ``base:``: a profile's file (paper/params.yaml) names the file it
+    sets keys of (``base: ../params.yaml``, relative to itself), so each value has one home."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file {str(path)!r} not found" + (f" (the base of {str(_seen[-1])!r})" if _seen else ""))
+    if path.resolve() in _seen:
+        raise ParamsError(f"params file {str(path)!r}: its base chain loops ({' -> '.join(map(str, _seen))})")
+    params = load_yaml(path) or {}
+    if not isinstance(params, dict):
+        raise ParamsError(f"{path}: params must be a mapping of sections, got {type(params).__name__}")
+    base = params.pop("base", None)
+    if base is None:
+        return params
+    if not isinstance(base, str):
+        raise ParamsError(f"{path}: base = {base!r} must be the path of a params file")
+    return merge(read(path.parent / base, (*_seen, path.resolve())), params)
+
+
 def load(path="params.yaml", sections=None) -> dict:
-    """:func:`load_yaml` then :func:`validate` (of ``sections``, default all)."""
-    return validate(load_yaml(path) or {}, sections)
+    """:func:`read` (with its ``base`` chain) then :func:`validate` (of ``sections``, default all)."""
+    return validate(read(path), sections)

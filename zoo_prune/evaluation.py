@@ -47,6 +47,24 @@ class LmmsEvalError(RuntimeError):
     """An lmms-eval run that did not produce its results."""
 
 
+def task_documents(task: str, limit: int | None = None, include_path=None) -> list[dict]:
+    """The first ``limit`` documents of lmms-eval task ``task`` as lmms-eval feeds them to a model: its own
+    YAML's dataset and split, ``doc_to_visual`` (PIL images) and ``doc_to_text`` (the prompt, with the task's
+    pre- and post-prompts). Returns ``[{"doc_id", "images", "text", "doc"}]``. With ``include_path`` naming a
+    folder that holds ``task`` (a local copy, the rehearsal's stand-ins) only that folder is indexed."""
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    local = include_path is not None and any(Path(include_path).rglob(f"{task}.yaml"))
+    manager = TaskManager(include_path=None if include_path is None else str(include_path), include_defaults=not local)
+    if task not in manager.all_tasks:
+        raise ValueError(f"lmms-eval task {task!r} not found" + (f" (include_path {str(include_path)!r})" if include_path else ""))
+    found = get_task_dict([task], manager)[task]
+    docs = found.test_docs() if found.has_test_docs() else found.validation_docs()
+    count = len(docs) if limit is None else min(limit, len(docs))
+    return [{"doc_id": i, "images": found.doc_to_visual(docs[i]), "text": found.doc_to_text(docs[i]), "doc": docs[i]}
+            for i in range(count)]
+
+
 def format_model_args(model_args: dict) -> str:
     """``{"pretrained": p, "keep": 64}`` -> ``pretrained=p,keep=64`` (None values dropped)."""
     if not model_args or "pretrained" not in model_args:
