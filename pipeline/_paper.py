@@ -130,3 +130,29 @@ def task_documents(params: dict, task: str, limit: int):
     from zoo_prune.evaluation import task_documents as documents
 
     return documents(task, limit, include_path=params["paper"]["include_path"])
+
+
+REHEARSAL = "RANDOM-WEIGHT REHEARSAL"
+
+
+def random_weights(record: dict) -> bool:
+    """Whether a checkpoint is a random-weight stand-in (``zoo_prune.rehearsal.checkpoints`` writes a README
+    that says so): then every table and figure made from it carries :data:`REHEARSAL` on its face."""
+    if not record.get("available") or not record.get("path"):
+        return False
+    readme = Path(record["path"]) / "README.md"
+    return readme.exists() and "RANDOM WEIGHTS" in readme.read_text().splitlines()[0]
+
+
+def weights_note(records) -> str:
+    """'' when every model of ``records`` (checkpoint records) has real weights, else the banner and which are stand-ins."""
+    records = [records] if isinstance(records, dict) else list(records)
+    standins = [r["model"] for r in records if random_weights(r)]
+    return f"{REHEARSAL}: {', '.join(standins)} {'is a' if len(standins) == 1 else 'are'} random-weight stand-in" \
+           f"{'' if len(standins) == 1 else 's'} (zoo_prune.rehearsal), not the paper's checkpoint{'' if len(standins) == 1 else 's'}: " \
+           "plumbing, not results" if standins else ""
+
+
+def records(params: dict, names=None) -> dict[str, dict]:
+    """Checkpoint records of ``names`` (default: every model of ``paper.models``), resolved now."""
+    return {name: availability(params, name) for name in (names or params["paper"]["models"])}
