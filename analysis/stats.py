@@ -180,6 +180,9 @@ POSITIVE = "yes"  # the positive answer of F1 tasks (existence, POPE)
 SAMPLE_COLUMNS = ["task", "doc_id", "question", "target", "prediction", "correct", "metric"]
 
 
+DICT_PREDICTIONS = ("parsed_pred", "pred")  # per-sample dicts whose prediction is compared with their "answer"
+
+
 def lmms_samples(folder, results: dict | None = None) -> pd.DataFrame:
     """Per-sample rows (task, doc_id, question, target, prediction, correct, metric) of an lmms-eval run's
     ``*_samples_<task>.jsonl`` files under ``folder`` (written with ``--log_samples``).
@@ -188,7 +191,9 @@ def lmms_samples(folder, results: dict | None = None) -> pd.DataFrame:
     ``(family, normalised prediction, answer)`` (``lmms_tasks/testbed/utils.py``), so ``correct`` =
     prediction equals answer and ``metric`` = ``accuracy`` or ``f1`` (F1 of "yes", scored over the
     task's rows by :func:`task_score`); a 0/1 number is taken as correctness (metric ``accuracy``).
-    Tasks whose per-sample entries are neither (e.g. MME's, POPE's dicts) are left out. ``results``
+    A dict entry counts when it carries the question's own 0/1 ``score`` (POPE, MME) or a parsed
+    prediction beside its ``answer`` (MMMU's ``parsed_pred``, SEED-Bench's ``pred``); others (MMBench's,
+    matched across circular options at aggregation) are left out. ``results``
     (lmms-eval's results JSON) names each task's metrics; without it, the keys ``accuracy``/``f1``.
     """
     rows = []
@@ -210,6 +215,13 @@ def lmms_samples(folder, results: dict | None = None) -> pd.DataFrame:
                 prediction, target, correct = str(value[1]), str(value[2]), value[1] == value[2]
             elif isinstance(value, (bool, int, float)) and value in (0, 1):
                 prediction, target, correct, metric = str(answer), str(sample.get("target")), bool(value), "accuracy"
+            elif isinstance(value, dict) and value.get("score") in (0, 1):  # POPE's, MME's: the question's own 0/1
+                prediction = str(value.get("prediction", answer))
+                target = str(value.get("ground_truth", value.get("answer", sample.get("target"))))
+                correct = bool(value["score"])
+            elif isinstance(value, dict) and any(k in value for k in DICT_PREDICTIONS) and "answer" in value:
+                prediction = str(next(value[k] for k in DICT_PREDICTIONS if k in value))  # MMMU's parsed_pred, SEED's pred
+                target, correct = str(value["answer"]), prediction == str(value["answer"])
             else:
                 continue
             rows.append({"task": task, "doc_id": int(sample["doc_id"]), "question": str(sample.get("input", "")),

@@ -54,8 +54,15 @@ def resolve(name: str, model: dict) -> dict:
         for part in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors"))[:1]:
             digest.update(part.name.encode() + part.read_bytes()[:1 << 20])
         record.update(available=True, path=str(folder.resolve()), revision=f"local:{digest.hexdigest()[:16]}")
+    elif folder.is_absolute() or pretrained.startswith(".") or pretrained.count("/") > 1:
+        record["reason"] = f"local folder {pretrained!r} not found"
+        return record
     else:
-        found = try_to_load_from_cache(pretrained, "config.json")
+        try:
+            found = try_to_load_from_cache(pretrained, "config.json")
+        except ValueError as error:  # not a hub id either (huggingface_hub's HFValidationError)
+            record["reason"] = f"{pretrained!r} is neither a local folder nor a hub id ({error})"
+            return record
         if not isinstance(found, str):
             record["reason"] = (f"checkpoint {pretrained!r} is neither a local folder nor in the Hugging Face cache "
                                 "(download it first: `huggingface-cli download " + pretrained + "`; HF_HOME says where the cache is)")

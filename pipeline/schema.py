@@ -386,7 +386,7 @@ def _method_errors(checked) -> list[str]:
             for i, value in enumerate(getattr(checked.sweep, key)):
                 if (problem := check_option("zoo", key, value)) is not None:
                     errors.append(f"params sweep.{key}[{i}] = {value!r}: {problem}")
-    if "paper" in type(checked).model_fields:
+    if "paper" in type(checked).model_fields and checked.paper is not None:
         for name, spec in checked.paper.models.items():
             if spec.estimator is not None and (problem := check_option("zoo", "estimator", spec.estimator)) is not None:
                 errors.append(f"params paper.models.{name}.estimator = {spec.estimator!r}: {problem}")
@@ -448,7 +448,7 @@ def validate(params, sections=None) -> dict:
         raise ParamsError("\n".join(errors))
     data = checked.model_dump()
     for name in ("zoo", "paper"):  # a key left out keeps its home default (the CLI's, the method's)
-        if name in data:
+        if data.get(name) is not None:
             data[name] = getattr(checked, name).model_dump(exclude_unset=True)
     return {**params, **data}  # sections not asked for stay as read
 

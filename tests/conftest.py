@@ -48,3 +48,11 @@ def mlp64():
 @pytest.fixture
 def features64():
     return make_features()
+
+
+@pytest.fixture(scope="session")
+def paper_standins(tmp_path_factory):
+    """The paper's four stand-in checkpoints and nine stand-in tasks, built once per test session (~20 s)."""
+    from pipeline_helpers import build_paper_standins
+
+    return build_paper_standins(tmp_path_factory.mktemp("paper-standins"))

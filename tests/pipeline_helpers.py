@@ -116,3 +116,41 @@ def offline_runs(wandb_dir: Path) -> list[dict]:
                 run["tables"][record.artifact.name] = [entry.path for entry in record.artifact.manifest.contents]
         runs.append(run)
     return runs
+
+
+def build_paper_standins(root: Path, docs: int = 6) -> Path:
+    """``root/models/<model>`` (the four paper stand-in checkpoints) and ``root/data`` (the nine stand-in tasks)."""
+    from zoo_prune.evaluation import PAPER_TASKS
+    from zoo_prune.rehearsal import checkpoints, tasks
+
+    torch.set_num_threads(1)
+    checkpoints.build_standins(root / "models")
+    tasks.build_standins(root / "data", PAPER_TASKS, docs=docs)
+    return root
+
+
+def paper_params(folder: Path, standins: Path, models=None, **paper) -> Path:
+    """A paper-profile folder ``folder`` (params.yaml + plan.yaml, outputs under it) on the stand-ins of ``standins``
+    (:func:`build_paper_standins`): the rehearsal's settings (rehearsal/overrides.yaml) with absolute paths,
+    ``models`` (default all four) and ``paper`` keys set; its base is the repository's params.yaml."""
+    from pipeline import plan
+    from pipeline.schema import load_yaml, merge
+
+    over = load_yaml(ROOT / "rehearsal" / "overrides.yaml")
+    base = load_yaml(ROOT / "paper" / "params.yaml")
+    section = merge(base["paper"], over["paper"])
+    for name, spec in section["models"].items():
+        spec["pretrained"] = str(standins / "models" / name)
+    section["models"] = {n: s for n, s in section["models"].items() if models is None or n in models}
+    first = next(iter(section["models"]))
+    for key in ("ablation", "proxy", "sweep", "efficiency"):  # stages of a model left out run on the first one
+        if section[key]["model"] not in section["models"]:
+            section[key]["model"] = first
+    section["sweep"]["keep"] = section["models"][section["sweep"]["model"]]["budgets"][0]
+    section = merge(section, {"dir": str(folder), "include_path": str(standins / "data" / "tasks"), **paper})
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "params.yaml"), "profile": "paper",
+                                    "wandb": {"group": "pytest"}, "paper": section}, sort_keys=False))
+    plan.write(path)
+    return path

@@ -296,30 +296,6 @@ def test_efficiency_stage_measures_every_method_counts_flops_and_records_conditi
                                                                  "layer_cpu.png"}
 
 
-def test_paper_profile_fails_fast_and_dry_run_prints_the_commands(workspace, wandb_offline, tmp_path, capsys):
-    paths = stage_paths(tmp_path, "sensitivity", model=False, data=False)
-    with pytest.raises(SystemExit, match="profile 'paper' needs the checkpoints .*llava-hf/llava-1.5-7b-hf.* not reachable"):
-        run_stage(sensitivity, workspace, "--profile", "paper", model=workspace / "model", **paths)
-    assert not (tmp_path / "outputs").exists() and not offline_runs(wandb_offline)
-    from pipeline import _common  # with the checkpoints reachable, only evaluate runs the paper profile
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_common, "checkpoint_reachable", lambda name: True)
-        with pytest.raises(SystemExit, match="implemented for the testbed profile only"):
-            run_stage(sensitivity, workspace, "--profile", "paper", model=workspace / "model", **paths)
-    params = small_params()
-    params["paper"]["num_processes"] = 4
-    write_params(tmp_path, params)
-    evaluate.main(["--params", str(tmp_path / "params.yaml"), "--profile", "paper", "--dry-run", "--method", "zoo"])
-    commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 2 * 4  # 2 budget levels x 4 models (Qwen2.5-VL has 2 levels too)
-    assert all(c.split()[1:3] == ["launch", "--num_processes=4"] for c in commands)
-    assert any("pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=zoo,keep=640," in c and "estimator=lowrank" in c
-               and "m=8," in c for c in commands)
-    assert all("--tasks gqa,mmbench_en_dev_static,mme,pope,scienceqa_img,vqav2_val,textvqa_val,mmmu_val,seedbench" in c for c in commands)
-    assert not (tmp_path / "outputs").exists()
-
-
 def test_train_stage_keeps_the_model_card_only_for_the_same_training_config(tmp_path):
     import json
 
