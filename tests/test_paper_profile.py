@@ -162,7 +162,7 @@ def test_dry_run_prints_each_entry_with_the_models_own_budget_and_launcher(tmp_p
     plan.write(tmp_path / "params.yaml")
     evaluate.main(["--params", str(tmp_path / "params.yaml"), "--dry-run", "--method", "zoo"])
     commands = capsys.readouterr().out.strip().splitlines()
-    assert len(commands) == 3 + 3 + 3 + 2  # the four models' own budgets
+    assert len(commands) == (3 + 3 + 3 + 2) * (1 + len(raw["paper"]["seeds"]))  # the models' own budgets, every seed
     assert all(c.split()[1:3] == ["launch", "--num_processes=4"] for c in commands)
     assert any("pretrained=llava-hf/llava-v1.6-vicuna-7b-hf,method=zoo,keep=640," in c and "estimator=lowrank" in c for c in commands)
     assert any("pretrained=Qwen/Qwen2.5-VL-7B-Instruct,method=zoo,keep=0.1," in c and "dtype" not in c for c in commands)
