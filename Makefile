@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test repro bench bench-flops bench-prefill clean-venv
+.PHONY: install test repro rehearse bench bench-flops bench-prefill clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 # venv goes first on PATH).
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The paper profile on CPU stand-ins through DVC (pipeline/rehearse.py): every stage and model, a skipped
+# model, 2 processes = 1, kill and resume. Report in rehearsal/report, checks in rehearsal/checks/summary.md.
+rehearse: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pipeline.rehearse
 
 bench: $(STAMP)
 	$(PY) benchmarks/estimators.py
