@@ -68,14 +68,31 @@ def checkpoint_reachable(name: str) -> bool:
     return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
+def plan_digest(params: dict) -> str:
+    """A digest of what the paper profile's plan is a function of (``pipeline.plan.build``): its models, methods,
+    seeds and Table 5's model and variants. ``pipeline.plan`` writes it into the plan file."""
+    import hashlib
+
+    paper = params["paper"]
+    keys = {"models": paper["models"], "methods": paper["methods"], "seeds": paper["seeds"],
+            "ablation": [paper["ablation"]["model"], params["ablation"]["variants"]]}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def check_profile(params: dict, params_path) -> str:
-    """The profile. Under ``paper`` the folder's plan must match the params (DVC runs its entries); each
-    stage then looks for its own model's checkpoint (an absent one is skipped by name, never the others)."""
+    """The profile. Under ``paper`` the folder's plan (``<paper.dir>/plan.yaml``, the entries DVC runs) must be
+    the one the params ask for; each stage then looks for its own model's checkpoint (an absent one is
+    skipped by name, never the others)."""
     profile = params["profile"]
     if profile == "paper":
-        from .plan import check
+        import yaml
 
-        check(params_path, params)
+        path = Path(params["paper"]["dir"]) / "plan.yaml"
+        written = (yaml.safe_load(path.read_text()) or {}).get("digest") if path.exists() else None
+        if written != plan_digest(params):
+            raise StageError(f"{path} is {'missing' if not path.exists() else 'stale'}: it does not list the entries params "
+                             f"{params_path} ask for; run `python -m pipeline.plan {params_path}` "
+                             f"(then `dvc repro {path.parent}/dvc.yaml`)")
     return profile
 
 
@@ -258,6 +275,8 @@ def stage(name: str, args: argparse.Namespace, section_names: list[str], outputs
     previous = stop_on_signals()
     try:
         params = load_params(args.params, ["profile", "wandb", *section_names])
+        if params["profile"] == "paper" and "paper" not in section_names:
+            params = load_params(args.params, ["profile", "wandb", "paper", *section_names])
         profile = check_profile(params, args.params)
         own = sections(params, section_names)
         if profile == "testbed":

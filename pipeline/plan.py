@@ -75,8 +75,11 @@ def evaluate_entries(params: dict) -> dict[str, dict]:
 
 
 def build(params: dict) -> dict:
-    """The plan of checked params (a pure function of them)."""
-    return {"models": {name: {"model": name} for name in params["paper"]["models"]}, **evaluate_entries(params)}
+    """The plan of checked params (a pure function of them); ``digest`` lets a stage check it cheaply."""
+    from ._common import plan_digest
+
+    return {"digest": plan_digest(params), "models": {name: {"model": name} for name in params["paper"]["models"]},
+            **evaluate_entries(params)}
 
 
 def outputs(plan: dict) -> dict[str, list[str]]:
@@ -139,7 +142,8 @@ def stale(params_path, params: dict | None = None) -> str | None:
 
 
 def check(params_path, params: dict | None = None) -> None:
-    """Raise (naming the command that fixes it) when the plan is stale: DVC would run other entries than the params ask for."""
+    """Raise (naming the command that fixes it) when the plan is stale: DVC would run other entries than the params
+    ask for. (The stages check the plan's ``digest`` instead: ``pipeline._common.check_profile``.)"""
     problem = stale(params_path, params)
     if problem:
         raise ParamsError(f"{problem}: run `python -m pipeline.plan {params_path}` (then `dvc repro {Path(params_path).parent}/dvc.yaml`)")
