@@ -169,3 +169,21 @@ def test_dry_run_prints_each_entry_with_the_models_own_budget_and_launcher(tmp_p
     assert all("--tasks gqa,mmbench_en_dev_static,mme,pope,scienceqa_img,vqav2_val,textvqa_val,mmmu_val,seedbench" in c
                for c in commands)
     assert not (tmp_path / "outputs" / "evaluate" / "llava-1.5-7b" / "zoo-64").exists()
+
+
+def test_the_committed_rehearsal_profile_is_current():
+    """rehearsal/params.yaml and rehearsal/plan.yaml are written by `python -m pipeline.rehearse --params-only` from
+    paper/params.yaml and rehearsal/overrides.yaml; DVC parses rehearsal/dvc.yaml in every command, so both are
+    committed (a fresh clone's `dvc repro` would fail without them) and must be current."""
+    from pipeline import rehearse
+
+    committed = (ROOT / "rehearsal" / "params.yaml").read_text()
+    written = rehearse.write_params(ROOT / "paper" / "params.yaml", ROOT / "rehearsal" / "overrides.yaml",
+                                    ROOT / "rehearsal" / "params.yaml")
+    try:
+        assert written.read_text() == committed, "run python -m pipeline.rehearse --params-only"
+    finally:
+        written.write_text(committed)
+    assert (ROOT / "rehearsal" / "dvc.yaml").resolve() == (ROOT / "paper" / "dvc.yaml").resolve()
+    params = load(ROOT / "rehearsal" / "params.yaml")
+    assert plan.stale(ROOT / "rehearsal" / "params.yaml", params) is None, "run python -m pipeline.rehearse --params-only"

@@ -31,6 +31,7 @@ DELETE = object()
 def test_the_repository_params_are_valid():
     checked = schema.validate(yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert checked["zoo"] == {"m": 64, "h": 0.01, "estimator": "auto", "seed": 0}
+    checked = schema.load(ROOT / "paper" / "params.yaml")  # the paper profile: its file on top of params.yaml
     assert checked["paper"]["models"]["qwen2.5-vl-7b"]["budgets"] == [0.2, 0.1]
     assert checked["paper"]["models"]["llava-1.5-7b"]["budgets"] == [192, 128, 64]
 
@@ -62,12 +63,12 @@ def test_the_repository_params_are_valid():
     ({"sensitivity.reference": "fused", "sensitivity.estimators": ["naive"]},
      "params sensitivity.reference = 'fused': not one of sensitivity.estimators ['naive']"),
     ({"proxy.tasks": ["existence", "colour"]}, "params proxy.tasks = ['existence', 'colour']: unknown question family ['colour']"),
-    ({"paper.models.qwen2.5-vl-7b": {"pretrained": "q", "budgets": [1.5]}},
+    ({"paper.models.qwen2.5-vl-7b": {"pretrained": "q", "architecture": "Qwen2_5_VLForConditionalGeneration", "budgets": [1.5]}},
      "params paper.models.qwen2.5-vl-7b.budgets = [1.5]: budgets [1.5]: each is a count"),
 ])
 def test_bad_param_is_named_by_key_and_value(changes, message):
-    if "paper.models.qwen2.5-vl-7b" in changes:  # a key with dots
-        params = params_with()
+    if "paper.models.qwen2.5-vl-7b" in changes:  # a key with dots, in the paper profile's params
+        params = schema.read(ROOT / "paper" / "params.yaml")
         params["paper"]["models"]["qwen2.5-vl-7b"] = changes["paper.models.qwen2.5-vl-7b"]
     else:
         params = params_with(**changes)
