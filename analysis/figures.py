@@ -75,10 +75,10 @@ def overlay_grid(rows: list[dict], note: str = "") -> plt.Figure:
     "panels": [(column title, kept mask (g, g) bool, predicted answer), ...]}``.
     """
     n_cols = len(rows[0]["panels"]) + 1
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.9 * n_cols, 2.5 * len(rows) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.9 * n_cols, 2.8 * len(rows) + 0.6), squeeze=False)
     for axis_row, row in zip(axes, rows):
         axis_row[0].imshow(row["view"], interpolation="nearest")
-        axis_row[0].set_title(row["title"], fontsize=7)
+        axis_row[0].set_title(textwrap.fill(row["title"], 34, replace_whitespace=False), fontsize=7)
         for axis, (title, mask, answer) in zip(axis_row[1:], row["panels"]):
             axis.imshow(highlight(row["view"], mask), interpolation="nearest")
             axis.set_title(f"{title}\n-> {answer!r}", fontsize=7)
@@ -87,9 +87,11 @@ def overlay_grid(rows: list[dict], note: str = "") -> plt.Figure:
     return _stamp(fig, "Kept visual tokens: DivPrune vs ZOO-Prune (pruned tokens dimmed)", note)
 
 
-def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "", noise: dict | None = None) -> plt.Figure:
+def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "", noise: dict | None = None,
+              paper: dict | None = None) -> plt.Figure:
     """KDE of per-sample Spearman rho (paper Fig. 2), one curve per task, mean rho and number of images
-    annotated; ``noise`` ({task: mean rho between two draws of a sampled form}) beside it."""
+    annotated; ``noise`` ({task: mean rho between two draws of a sampled form}) beside it; ``paper``
+    ({task: the paper's mean rho}) a dotted line per task and the value beside ours."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     data = rhos.dropna(subset=["rho"])
     sns.kdeplot(data=data, x="rho", hue="task", fill=True, common_norm=False, cut=0, ax=ax, warn_singular=False)
@@ -97,7 +99,12 @@ def proxy_kde(rhos: pd.DataFrame, form: str, threshold: float, note: str = "", n
         mean = group["rho"].mean()
         ax.axvline(mean, color=sns.color_palette()[i], ls="--")
         extra = f"; estimator noise: rho between two draws {noise[task]:.2f}" if noise and task in noise else ""
-        ax.annotate(f"{task}: mean rho = {mean:.2f} (n={len(group)} images{extra})", xy=(0.02, 0.92 - 0.08 * i),
+        text = f"{task}: mean rho = {mean:.2f} (n={len(group)} images{extra})"
+        if paper and task in paper:
+            ax.axvline(paper[task], color=sns.color_palette()[i], ls=":", lw=2)
+            text = (f"{task}: mean rho = {mean:.2f} (dashed), the paper's {paper[task]:.2f} (dotted); n={len(group)} images"
+                    + (f"\n    {extra[2:]}" if extra else ""))
+        ax.annotate(text, xy=(0.02, 0.9 - 0.16 * i if paper else 0.92 - 0.08 * i),
                     xycoords="axes fraction", color=sns.color_palette()[i], fontsize=9)
     ax.set(xlim=(-1, 1), xlabel="Spearman rho, encoder vs projector token sensitivity", ylabel="density")
     return _stamp(fig, f"Projector as a proxy for the encoder: encoder side by the {form} form, tokens with "

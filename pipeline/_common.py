@@ -79,6 +79,17 @@ def plan_digest(params: dict) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def profile_of(params_path) -> str:
+    """The profile a params file names, read before the stage starts (its command line and outputs depend
+    on it); ``testbed`` when the file cannot be read, so that the stage itself names the problem."""
+    from .schema import ParamsError, read
+
+    try:
+        return read(params_path).get("profile", "testbed")
+    except (ParamsError, OSError, AttributeError):
+        return "testbed"
+
+
 def check_profile(params: dict, params_path) -> str:
     """The profile. Under ``paper`` the folder's plan (``<paper.dir>/plan.yaml``, the entries DVC runs) must be
     the one the params ask for; each stage then looks for its own model's checkpoint (an absent one is

@@ -160,6 +160,11 @@ def weights_note(records) -> str:
            "plumbing, not results" if standins else ""
 
 
+def noted(table, note: str):
+    """``table`` (a DataFrame) with a ``note`` column when ``note`` (:func:`weights_note`) says a stand-in made it."""
+    return table.assign(note=note) if note else table
+
+
 def records(params: dict, names=None) -> dict[str, dict]:
     """Checkpoint records of ``names`` (default: every model of ``paper.models``), resolved now."""
     return {name: availability(params, name) for name in (names or params["paper"]["models"])}

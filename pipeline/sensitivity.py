@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from analysis import figures, stats
 
-from ._common import StageError, load_model, load_rows, parser, stage, weights_note, write_json
+from . import _paper
+from ._common import StageError, load_model, load_rows, parser, profile_of, stage, weights_note, write_json
 
 OVERLAY_METHODS = ("divprune", "zoo")  # Fig. 6: DivPrune vs ZOO-Prune
 
@@ -117,21 +118,6 @@ def not_applicable(projector, estimator: str) -> str | None:
     return None
 
 
-def with_note(table: pd.DataFrame, note: str) -> pd.DataFrame:
-    """``table`` with a ``note`` column saying a stand-in made it (unchanged for real weights)."""
-    return table.assign(note=note) if note else table
-
-
-def profile_of(params_path) -> str:
-    """The params file's profile; ``testbed`` when it cannot be read (the stage then names the problem)."""
-    from .schema import ParamsError, read
-
-    try:
-        return read(params_path).get("profile", "testbed")
-    except (ParamsError, OSError, AttributeError):
-        return "testbed"
-
-
 def main(argv=None) -> None:
     p = parser(__doc__, "sensitivity")
     p.add_argument("--paper-model", help="paper profile: the model of params paper.models this entry measures")
@@ -202,8 +188,6 @@ def paper_profile(s, name: str) -> None:
     from zoo_prune import adapter_for, precompute
     from zoo_prune.tiny import chat_prompt
 
-    from . import _paper
-
     out = s.out["out"]
     _paper.spec(s.params, name)
     record = _paper.availability(s.params, name)
@@ -267,10 +251,10 @@ def paper_profile(s, name: str) -> None:
     np.savez_compressed(out / "sensitivities.npz", doc_id=np.array([d["doc_id"] for d, _, _ in measured]),
                         tokens=np.array(tokens),
                         **{n: np.concatenate(v) for n, v in scores.items()})
-    with_note(table.rename_axis("estimator"), note).to_csv(out / "agreement.csv")
-    with_note(per_image, note).to_csv(out / "estimators.csv", index=False)
+    _paper.noted(table.rename_axis("estimator"), note).to_csv(out / "agreement.csv")
+    _paper.noted(per_image, note).to_csv(out / "estimators.csv", index=False)
     overlays = pd.DataFrame(overlays, columns=["doc_id", "view", "method", "keep", "kept", "cells", "answer"])
-    with_note(overlays, note).to_csv(out / "overlays.csv", index=False)
+    _paper.noted(overlays, note).to_csv(out / "overlays.csv", index=False)
     images = {"agreement": figures.save(figures.agreement_heatmap(table, note, images_n), out / "figures" / "agreement.png")}
     if panels:
         images["overlays"] = figures.save(figures.overlay_grid(panels, note), out / "figures" / "overlays.png")
@@ -283,8 +267,8 @@ def paper_profile(s, name: str) -> None:
                **({"note": note} if note else {})}
     write_json(out / "metrics.json", metrics)
     s.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-          tables={"agreement": with_note(table.reset_index(names="estimator"), note), "estimators": with_note(per_image, note),
-                  "overlays": with_note(overlays, note)}, images=images)
+          tables={"agreement": _paper.noted(table.reset_index(names="estimator"), note), "estimators": _paper.noted(per_image, note),
+                  "overlays": _paper.noted(overlays, note)}, images=images)
 
 
 if __name__ == "__main__":
