@@ -1,12 +1,12 @@
-"""The sensitivity and proxy stages under the paper profile, on the rehearsal's random-weight stand-ins
-(models/standins, data/standins: ``make standins``), the way paper/dvc.yaml runs them.
+"""The sensitivity and proxy stages under the paper profile, on random-weight stand-ins of the paper's
+checkpoints and tasks (``paper_standins``), the way paper/dvc.yaml runs them.
 
-The params are the rehearsal's (paper/params.yaml + rehearsal/overrides.yaml) with their own folder, m = 8
-and the models in float16 (the paper's dtype), so that the stages' float32 arithmetic is exercised.
-Expected token counts are worked by hand from the stand-ins' published geometry (336 px, patch 14):
-LLaVA-1.5 24 x 24 = 576 tokens per image; LLaVA-NeXT on the 672 x 672 document 0 of gqa_standin: the
-2 x 2 crop pinpoint, base 576 + 4 x 576 crop tokens, budget 160 = 32 per patch: base 32, crops 4 x 32;
-Qwen2.5-VL on it: 48 x 48 patches, 2 x 2 merge -> 576 tokens, 10 % -> round(57.6) = 58.
+The params are the rehearsal's (``pipeline_helpers.paper_params``) with the models in float16 (the paper's
+dtype), so that the stages' float32 arithmetic is exercised. Expected token counts are worked by hand from
+the stand-ins' real geometry (336 px, patch 14): LLaVA-1.5 24 x 24 = 576 tokens per image; LLaVA-NeXT on
+the 672 x 672 document 0 of gqa_standin: the 2 x 2 crop pinpoint, base 576 + 4 x 576 crop tokens, budget
+160 = 32 per patch: base 32, crops 4 x 32; Qwen2.5-VL on it: 48 x 48 patches, 2 x 2 merge -> 576 tokens,
+10 % -> round(57.6) = 58.
 """
 
 import csv
@@ -16,45 +16,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
+from pipeline_helpers import ROOT, paper_params
 
-from pipeline import _paper, plan, proxy, rehearse, sensitivity
+from pipeline import _paper, plan, proxy, sensitivity
 
-ROOT = Path(__file__).resolve().parent.parent
-STANDINS = ROOT / "models" / "standins"
-TASKS = ROOT / "data" / "standins" / "tasks"
-pytestmark = pytest.mark.skipif(not (STANDINS / "standins.json").exists() or not TASKS.is_dir(),
-                                reason="the rehearsal's stand-ins are not built (make standins)")
 ABSENT = "llava-1.5-13b"  # its checkpoint points nowhere here
 
 
-def write_profile(folder: Path, name: str = "params.yaml", **paper) -> Path:
-    """A paper-profile params file in ``folder`` (its outputs and plan there too) and its plan."""
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base["zoo"]["m"] = 8
-    base["proxy"]["directions"] = 2
-    (folder / "base.yaml").write_text(yaml.safe_dump(base))
-    params = yaml.safe_load(rehearse.write_params(ROOT / "paper" / "params.yaml", ROOT / "rehearsal" / "overrides.yaml",
-                                                  folder / name).read_text())
-    params["base"] = "base.yaml"
-    params["wandb"]["group"] = "pytest"
-    params["paper"].update(dir=str(folder), include_path=str(TASKS), dtype="float16", **paper)
-    models = params["paper"]["models"]
-    for model in models.values():
-        model["pretrained"] = str(ROOT / model["pretrained"])
-    models[ABSENT]["pretrained"] = str(folder / "no-such-checkpoint")
-    models["llava-1.5-7b"]["budgets"] = [64, 16]
-    path = folder / name
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+def write_profile(folder: Path, standins: Path, **paper) -> Path:
+    """A paper-profile folder on the stand-ins, float16, ``llava-1.5-7b`` at two budgets, :data:`ABSENT` absent."""
+    path = paper_params(folder, standins, dtype="float16", **paper)
+    raw = yaml.safe_load(path.read_text())
+    raw["paper"]["models"][ABSENT]["pretrained"] = str(folder / "not-downloaded")
+    raw["paper"]["models"]["llava-1.5-7b"]["budgets"] = [64, 16]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     plan.write(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory):
-    torch.set_num_threads(1)
-    return write_profile(tmp_path_factory.mktemp("paper"))
+def profile(tmp_path_factory, paper_standins):
+    return write_profile(tmp_path_factory.mktemp("paper"), paper_standins)
 
 
 @pytest.fixture
@@ -80,8 +63,8 @@ def run_sensitivity(profile: Path, model: str) -> Path:
     return out
 
 
-def rehearsal_note(model: str) -> str:
-    return _paper.weights_note({"model": model, "available": True, "path": str(STANDINS / model)})
+def rehearsal_note(profile: Path, model: str) -> str:
+    return _paper.weights_note(_paper.availability(yaml.safe_load(profile.read_text()), model))
 
 
 @pytest.mark.parametrize("model, expected", [
@@ -94,7 +77,7 @@ def test_sensitivity_measures_the_model_and_draws_each_budget(profile, drawn, mo
     assert {p.name for p in out.iterdir()} == {"sensitivities.npz", "agreement.csv", "estimators.csv", "overlays.csv",
                                                "metrics.json", "figures"}
     metrics = json.loads((out / "metrics.json").read_text())
-    note = rehearsal_note(model)
+    note = rehearsal_note(profile, model)
     assert note.startswith("RANDOM-WEIGHT REHEARSAL") and model in note and metrics["note"] == note
     for name in ("agreement.png", "overlays.png"):
         assert note in drawn[name] and (out / "figures" / name).stat().st_size > 5_000
@@ -122,21 +105,20 @@ def test_sensitivity_measures_the_model_and_draws_each_budget(profile, drawn, mo
     assert metrics["paper_estimator"] == paper_estimator and metrics["overlay_zoo_estimator"] == (paper_estimator or "auto")
 
 
-def test_an_absent_checkpoint_is_skipped_by_name(profile, tmp_path):
+def test_an_absent_checkpoint_is_skipped_by_name(profile, paper_standins, tmp_path):
     out = run_sensitivity(profile, ABSENT)
     assert [p.name for p in out.iterdir()] == ["skipped.json"]
     record = json.loads((out / "skipped.json").read_text())
     assert record["model"] == ABSENT and record["stage"] == f"sensitivity/{ABSENT}" and not record["available"]
-    assert "no-such-checkpoint" in record["reason"]
-    absent = write_profile(profile.parent, "absent-proxy.yaml", proxy={"model": ABSENT, "tasks": ["pope_standin"], "samples": 1})
+    assert "not-downloaded" in record["reason"]
+    absent = write_profile(tmp_path / "absent", paper_standins, proxy={"model": ABSENT})
     proxy.main(["--params", str(absent), "--out", str(tmp_path / "proxy")])
     assert [p.name for p in (tmp_path / "proxy").iterdir()] == ["skipped.json"]
     assert json.loads((tmp_path / "proxy" / "skipped.json").read_text())["model"] == ABSENT
 
 
-def test_proxy_refuses_a_model_it_cannot_walk(profile, tmp_path):
-    params = write_profile(profile.parent, "next-proxy.yaml", proxy={"model": "llava-next-7b", "tasks": ["pope_standin"],
-                                                                     "samples": 1})
+def test_proxy_refuses_a_model_it_cannot_walk(paper_standins, tmp_path):
+    params = write_profile(tmp_path / "next", paper_standins, proxy={"model": "llava-next-7b"})
     with pytest.raises(SystemExit, match="error: stage proxy: paper.proxy.model = 'llava-next-7b' is a "
                                          "LlavaNextForConditionalGeneration"):
         proxy.main(["--params", str(params), "--out", str(tmp_path / "proxy")])
@@ -159,7 +141,7 @@ def test_proxy_on_mmmu_and_pope_beside_the_papers_rho(profile, drawn, monkeypatc
     rhos = pd.read_csv(out / "rhos.csv")
     assert rhos.groupby("task").size().to_dict() == {"mmmu_val_standin": 1, "pope_standin": 2}
     assert list(rhos.loc[rhos.task == "mmmu_val_standin", "id"]) == [1] and rhos["rho"].between(-1, 1).all()
-    note = rehearsal_note("llava-1.5-7b")
+    note = rehearsal_note(profile, "llava-1.5-7b")
     assert (rhos["note"] == note).all()
     with open(ROOT / "analysis" / "paper_numbers.csv") as handle:  # Fig. 2's published mean rho
         published = {r["benchmark"]: float(r["value"]) for r in csv.DictReader(handle) if r["table"] == "fig2"}
