@@ -94,7 +94,8 @@ def encoder_exact(model, embeds: torch.Tensor, tokens=None, chunk: int = 64) -> 
             part = jobs[start:start + chunk]
             tangent = torch.zeros(len(part), *base.shape[1:], dtype=base.dtype, device=base.device)
             rows = torch.tensor([i for i, _ in part], device=base.device)
-            tangent[torch.arange(len(part), device=base.device), 1 + rows, torch.tensor([k for _, k in part], device=base.device)] = 1
+            columns = torch.tensor([k for _, k in part], device=base.device)
+            tangent[torch.arange(len(part), device=base.device), 1 + rows, columns] = 1
             _, dz = jvp(lambda x: vision_side(model, x), (base.expand(len(part), -1, -1).clone(),), (tangent,))
             squared.index_add_(0, rows, dz.pow(2).flatten(1).sum(1).to(squared.dtype))
     result = torch.full((n,), float("nan"), dtype=embeds.dtype, device=embeds.device)
@@ -189,10 +190,12 @@ def zoo_method(zoo: dict, estimator: str | None = None):
     """ZOO-Prune with the params' options (``estimator``: a paper model's own, e.g. LLaVA-NeXT's lowrank)."""
     from zoo_prune import get_method
 
-    return get_method("zoo", **{k: zoo[k] for k in ("m", "h", "estimator", "seed")} | ({"estimator": estimator} if estimator else {}))
+    options = {k: zoo[k] for k in ("m", "h", "estimator", "seed")}
+    return get_method("zoo", **options | ({"estimator": estimator} if estimator else {}))
 
 
 def frozen(model):
+    """``model`` with no parameter asking for gradients (the encoder forms differentiate the input only)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
@@ -300,19 +303,22 @@ def paper_profile(s) -> None:
     records, text_only = [], {}
     for task in paper["proxy"]["tasks"]:
         text_only[task] = 0
-        for doc in tqdm(_paper.task_documents(s.params, task, paper["proxy"]["samples"]), desc=f"proxy {task}", unit="doc"):
+        docs = _paper.task_documents(s.params, task, paper["proxy"]["samples"])
+        for doc in tqdm(docs, desc=f"proxy {task}", unit="doc"):
             if not doc["images"]:  # MMMU has text-only questions: nothing to measure
                 text_only[task] += 1
                 continue
             image = doc["images"][0].convert("RGB")  # MMMU may have several: the first
-            pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"].to(paper["device"], torch.float32)
+            pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(paper["device"], torch.float32)
             records.append({"task": task, "id": doc["doc_id"], **measure_image(model, pixels, method, s.params)})
     if not records:
         raise StageError(f"no document of paper.proxy.tasks {paper['proxy']['tasks']} has an image")
     extra = {"model": name, "pretrained": record["pretrained"], "revision": record["revision"]}
-    metrics, tables, images = outputs(pd.DataFrame(records), cfg["form"], cfg["threshold"], _paper.weights_note(record), out,
-                                      out / "metrics.json", out / "figures" / "proxy_kde.png",
-                                      paper=paper_rho(s.params, paper["proxy"]["tasks"]), extra=extra, text_only=text_only)
+    note = _paper.weights_note(record)
+    metrics, tables, images = outputs(pd.DataFrame(records), cfg["form"], cfg["threshold"], note, out, out / "metrics.json",
+                                      out / "figures" / "proxy_kde.png", paper=paper_rho(s.params, paper["proxy"]["tasks"]),
+                                      extra=extra, text_only=text_only)
     s.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))}, tables=tables, images=images)
 
 

@@ -96,8 +96,9 @@ def overlay_rows(model, processor, image, inputs, title: str, budgets, options: 
             views = token_views(model, processor, image, inputs, kept)
             for name, _, mask in views:
                 panels.setdefault(name, []).append((f"{method} {keep}", mask, answer))
-                counts.append({"view": name, "method": method, "keep": keep, "kept": None if mask is None else int(mask.sum()),
-                               "cells": None if mask is None else int(mask.size), "answer": answer})
+                counts.append({"view": name, "method": method, "keep": keep, "answer": answer,
+                               "kept": None if mask is None else int(mask.sum()),
+                               "cells": None if mask is None else int(mask.size)})
     rows = [{"title": title if len(views) == 1 else f"{name}\n{title}", "view": view, "panels": panels[name]}
             for name, view, _ in views]
     return rows, counts
@@ -200,9 +201,10 @@ def paper_profile(s, name: str) -> None:
     projector = adapter.sensitivity_projector  # LLaVA's projector; Qwen2.5-VL's merger per merged token
     why_not = {n: not_applicable(projector, n) for n in cfg["estimators"]}
     if why_not[reference]:
-        raise StageError(f"sensitivity.reference {reference!r} cannot run on {name}'s projector: {why_not[reference]}")
+        raise StageError(f"params sensitivity.reference = {reference!r} cannot run on {name}'s projector: "
+                         f"{why_not[reference]}")
     estimators = [n for n in cfg["estimators"] if why_not[n] is None]
-    for n in estimators:  # one-off per-model state (float32 weights, SVD, Gram matrix) outside the per-image timings
+    for n in estimators:  # the one-off per-model state (float32 weights, SVD, Gram matrix): not in the timings
         precompute(projector, n, rank=rank)
 
     docs = _paper.task_documents(s.params, task, paper["sensitivity"]["samples"])
@@ -232,8 +234,8 @@ def paper_profile(s, name: str) -> None:
         {"estimator": record["estimator"]} if record.get("estimator") else {})  # the paper's LLaVA-NeXT: lowrank
     options = {"zoo": zoo_options, "divprune": {}}
     panels, overlays = [], []
-    for doc, image, inputs in tqdm(measured[:paper["sensitivity"]["overlay_samples"]], desc=f"sensitivity {name}: overlays",
-                                   unit="img"):
+    drawn = measured[:paper["sensitivity"]["overlay_samples"]]
+    for doc, image, inputs in tqdm(drawn, desc=f"sensitivity {name}: overlays", unit="img"):
         target = doc["doc"].get("answer", "") if isinstance(doc["doc"], dict) else ""
         title = f"doc {doc['doc_id']}: {doc['text'].splitlines()[0][:40]}" + (f" -> {target}" if target else "")
         rows, counts = overlay_rows(model, processor, image, inputs, title, record["budgets"], options)
@@ -241,7 +243,7 @@ def paper_profile(s, name: str) -> None:
         overlays += [{"doc_id": doc["doc_id"], **c} for c in counts]
 
     images_n, tokens = len(measured), [len(v) for v in scores[reference]]
-    per_image = pd.DataFrame({
+    by_estimator = pd.DataFrame({
         "estimator": cfg["estimators"], "runs": [why_not[n] is None for n in cfg["estimators"]],
         "rank": pd.array([rank if n == "lowrank" else None for n in cfg["estimators"]], dtype="Int64"),
         "ms_per_image": [1000 * seconds[n] / images_n if n in seconds else None for n in cfg["estimators"]],
@@ -252,23 +254,24 @@ def paper_profile(s, name: str) -> None:
                         tokens=np.array(tokens),
                         **{n: np.concatenate(v) for n, v in scores.items()})
     _paper.noted(table.rename_axis("estimator"), note).to_csv(out / "agreement.csv")
-    _paper.noted(per_image, note).to_csv(out / "estimators.csv", index=False)
+    _paper.noted(by_estimator, note).to_csv(out / "estimators.csv", index=False)
     overlays = pd.DataFrame(overlays, columns=["doc_id", "view", "method", "keep", "kept", "cells", "answer"])
     _paper.noted(overlays, note).to_csv(out / "overlays.csv", index=False)
-    images = {"agreement": figures.save(figures.agreement_heatmap(table, note, images_n), out / "figures" / "agreement.png")}
+    heatmap = figures.agreement_heatmap(table, note, images_n)
+    images = {"agreement": figures.save(heatmap, out / "figures" / "agreement.png")}
     if panels:
         images["overlays"] = figures.save(figures.overlay_grid(panels, note), out / "figures" / "overlays.png")
     metrics = {"model": name, "pretrained": record["pretrained"], "revision": record["revision"], "task": task,
                "samples": images_n, "text_only_skipped": text_only, "tokens_per_image": tokens,
-               "reference": reference, "estimators": estimators, "rank": rank, "paper_estimator": record.get("estimator"),
-               "overlay_zoo_estimator": zoo_options["estimator"], "budgets": record["budgets"],
+               "reference": reference, "estimators": estimators, "rank": rank, "budgets": record["budgets"],
+               "paper_estimator": record.get("estimator"), "overlay_zoo_estimator": zoo_options["estimator"],
                **{f"rho_vs_{reference}/{n}": float(table.loc[n, reference]) for n in estimators if n != reference},
                **{f"ms_per_image/{n}": 1000 * seconds[n] / images_n for n in estimators},
                **({"note": note} if note else {})}
     write_json(out / "metrics.json", metrics)
+    tables = {"agreement": table.reset_index(names="estimator"), "estimators": by_estimator, "overlays": overlays}
     s.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-          tables={"agreement": _paper.noted(table.reset_index(names="estimator"), note), "estimators": _paper.noted(per_image, note),
-                  "overlays": _paper.noted(overlays, note)}, images=images)
+          tables={k: _paper.noted(v, note) for k, v in tables.items()}, images=images)
 
 
 if __name__ == "__main__":
