@@ -133,6 +133,7 @@ def test_an_entry_runs_on_a_stand_in_and_an_absent_model_is_skipped_by_name(tmp_
     raw = yaml.safe_load(params.read_text())
     raw["paper"]["models"]["llava-1.5-13b"]["pretrained"] = str(tmp_path / "not-downloaded")
     params.write_text(yaml.safe_dump(raw))
+    plan.write(params)
     out = tmp_path / "profile" / "outputs" / "evaluate"
     evaluate.main(["--params", str(params), "--paper-model", "llava-1.5-13b", "--method", "zoo", "--keep", "64",
                    "--out", str(out / "llava-1.5-13b" / "zoo-64")])
