@@ -46,6 +46,18 @@ def method_options(method: str, params: dict) -> dict:
     return {k: v for k, v in params[cls.params_section].items() if k in cls.options()}
 
 
+def model_options(method: str, params: dict, model: str) -> dict:
+    """``method``'s options on paper model ``model``: its params section's, with the model's own ``estimator``
+    (``paper.models.<model>.estimator``: the paper's LLaVA-NeXT uses lowrank) for a method that has one."""
+    from zoo_prune import method_class
+
+    options = method_options(method, params)
+    spec = params["paper"]["models"][model]
+    if method != UNPRUNED and "estimator" in method_class(method).options() and spec.get("estimator"):
+        options["estimator"] = spec["estimator"]
+    return options
+
+
 def sections_for(method: str, paper: bool) -> list[str]:
     from zoo_prune import method_class
 
@@ -72,18 +84,16 @@ def supports(pretrained: str, method: str) -> bool:
 def runs(method: str, keep, params: dict, profile: str, model: str, out) -> list[dict]:
     """The lmms-eval run (model args, tasks, output folder, launcher) of one pipeline run: ``model`` is the
     testbed model's folder, or under the paper profile a model of ``paper.models`` (keep: one of its budgets)."""
-    from zoo_prune import method_class
-
-    evaluate = params["evaluate"]
     base = {"method": "none"} if method == UNPRUNED else {"method": method, "keep": keep, **method_options(method, params)}
     if profile == "testbed":
+        evaluate = params["evaluate"]
         return [{"model_args": {"pretrained": model, "device_map": "cpu", **base}, "tasks": evaluate["tasks"],
                  "output_dir": f"{out}/lmms_eval", "limit": evaluate["limit"], "device": "cpu",
                  "batch_size": evaluate["batch_size"]}]
     paper = params["paper"]
     spec = paper["models"][model]
-    if method != UNPRUNED and "estimator" in method_class(method).options() and spec.get("estimator"):
-        base["estimator"] = spec["estimator"]  # the paper's LLaVA-NeXT: lowrank
+    if method != UNPRUNED:
+        base.update(model_options(method, params, model))
     if spec["architecture"].startswith("Llava"):  # lmms-eval's llava_hf takes a dtype; its qwen2_5_vl picks its own
         base["dtype"] = paper["dtype"]
     return [{"model_args": {"pretrained": spec["pretrained"], **base}, "tasks": paper["tasks"],

@@ -125,11 +125,6 @@ def sections(params: dict, metrics: dict) -> list[dict]:
                     f"{eff.get('new_tokens', '?')} greedy tokens; GFLOPs counted by the ledger (zoo_prune.flops) on the "
                     f"model's graph, measured and counted side by side in the figure." + conditions,
          "tables": ["efficiency/testbed.csv"], "figures": ["efficiency/prefill.png", "efficiency/e2e.png"]},
-        {"title": "Paper models: FLOPs counted on the real graphs (Fig. A, App. D beside)",
-         "caption": "The ledger (zoo_prune.flops): each model built from its configuration on the meta device, 2 FLOPs per "
-                    "multiply-add by part; counted, not measured. App. D's value where the paper gives one (no convention "
-                    "reproduces it: benchmarks/results/flops.md).",
-         "tables": ["efficiency/paper_flops.csv"], "figures": ["efficiency/flops_llava_next_7b.png"]},
         {"title": "One 7B-width decoder layer on this CPU",
          "caption": f"Random weights, fp32, median of {eff.get('layer_repeats', '?')} repeats.",
          "tables": ["efficiency/layer_cpu.csv"], "figures": ["efficiency/layer_cpu.png"]},

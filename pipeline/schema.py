@@ -279,6 +279,11 @@ class PaperSweep(Section):
     keep: float  # one of the model's budgets (64)
     limit: Count | None  # documents (null = the whole task)
 
+    @field_validator("keep")
+    @classmethod
+    def _keep(cls, keep):
+        return int(keep) if keep >= 1 and float(keep).is_integer() else keep  # a count as budgets give it (64, not 64.0)
+
 
 class PaperEfficiency(Section):
     model: str  # Fig. 5: LLaVA-NeXT-7B

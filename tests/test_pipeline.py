@@ -272,9 +272,7 @@ def test_results_name_a_run_without_per_sample_table(workspace, wandb_disabled, 
 def test_efficiency_stage_measures_every_method_counts_flops_and_records_conditions(workspace, wandb_disabled, tmp_path):
     paths = stage_paths(workspace, "efficiency")
     params = small_params()
-    params["paper"]["models"] = {"llava-1.5-7b": params["paper"]["models"]["llava-1.5-7b"]}  # one model keeps it fast
-    write_params(tmp_path, params)
-    run_stage(efficiency, workspace, params=str(tmp_path / "params.yaml"), **paths)
+    run_stage(efficiency, workspace, **paths)
     testbed = pd.read_csv(paths["out"] / "testbed.csv")
     assert len(testbed) == 1 + 4 * 2 and (testbed[["prefill_ms", "e2e_ms"]] > 0).all().all()
     assert (testbed["prefill_min_ms"] <= testbed["prefill_ms"]).all() and (testbed["prefill_ms"] <= testbed["prefill_max_ms"]).all()
@@ -283,17 +281,13 @@ def test_efficiency_stage_measures_every_method_counts_flops_and_records_conditi
     assert (testbed.loc[testbed.method.isin(["unpruned", "divprune"]), "gflops_sensitivity"] == 0).all()
     unpruned = testbed[testbed.method == "unpruned"].iloc[0]
     assert (testbed.loc[testbed.tokens == 16, "gflops_llm"] < unpruned["gflops_llm"]).all()
-    paper = pd.read_csv(paths["out"] / "paper_flops.csv")
-    row = paper[(paper.model == "llava-1.5-7b") & (paper.method == "unpruned")].iloc[0]
-    assert row["tflops_llm"] == pytest.approx(32 * 2 * 636 * (4 * 4096**2 + 3 * 4096 * 11008) / 1e12 + 32 * 4 * 636**2 * 4096 / 1e12)
-    assert set(paper.loc[paper.method == "zoo", "estimator"]) == {"fused"}  # auto on a Linear-GELU-Linear projector
     conditions = json.loads((paths["out"] / "conditions.json").read_text())
     assert conditions["torch_threads"] == params["efficiency"]["threads"]
     assert {"load_average_1min_before", "load_average_1min_after", "flagged"} <= set(conditions)
     metrics = yaml.safe_load(paths["metrics"].read_text())
     assert metrics["conditions/flagged"] == conditions["flagged"]
-    assert {p.name for p in paths["figures"].glob("*.png")} == {"prefill.png", "e2e.png", "flops_llava_1_5_7b.png",
-                                                                 "layer_cpu.png"}
+    assert {p.name for p in paths["figures"].glob("*.png")} == {"prefill.png", "e2e.png", "layer_cpu.png"}
+    assert not (paths["out"] / "paper_flops.csv").exists()  # the paper models' ledger: the paper profile's stage
 
 
 def test_train_stage_keeps_the_model_card_only_for_the_same_training_config(tmp_path):

@@ -8,6 +8,8 @@ with ``num_processes`` > 1), streams its output to the console and ``output_dir/
 and returns the results JSON it wrote. A run counts as done only if a results JSON newer than the
 run exists and holds every requested task: lmms-eval can exit 0 after a failure. Otherwise
 :class:`LmmsEvalError` names the command, the exit code, the missing file or tasks and the log.
+:func:`run_lmms_eval_series` runs several model settings on the same tasks in one lmms-eval process
+(lmms-eval's ``--config`` with a list of runs), each checked the same way: a sweep pays the imports once.
 
 Resume: with ``use_cache`` (default) each answer is stored as soon as it exists, under
 ``DEFAULT_CACHE`` (outside ``output_dir``), keyed on the model arguments and a hash of the weights
@@ -84,15 +86,29 @@ def lmms_eval_command(model_args: dict, tasks: list[str], output_dir, *, limit: 
                       include_path=TESTBED_TASKS, use_cache: bool | str | os.PathLike = True,
                       num_processes: int = 1, device: str | None = None, batch_size: int = 1) -> list[str]:
     """The exact lmms-eval command line (a list of arguments) that :func:`run_lmms_eval` runs."""
+    return _command(["--model_args", format_model_args(_cached(model_args, use_cache))], tasks,
+                    ["--output_path", str(output_dir)], limit=limit, include_path=include_path,
+                    num_processes=num_processes, device=device, batch_size=batch_size)
+
+
+def _cached(model_args: dict, use_cache) -> dict:
+    """``model_args`` with the resume cache (``use_cache``: True = :data:`DEFAULT_CACHE`, a folder, or off)."""
+    model_args = dict(model_args)
+    if use_cache:
+        model_args["resume_cache"] = str(DEFAULT_CACHE if use_cache is True else use_cache)
+    return model_args
+
+
+def _command(model: list[str], tasks: list[str], output: list[str], *, limit, include_path, num_processes: int, device,
+             batch_size: int) -> list[str]:
+    """The launcher and lmms-eval's arguments: ``model`` (``--model_args ...``, or ``--config FILE`` listing several
+    runs) and ``output`` (``--output_path DIR``, or nothing when the config names each run's)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
     if not isinstance(num_processes, int) or num_processes < 1:
         raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
-    model_args = dict(model_args)
-    if use_cache:
-        model_args["resume_cache"] = str(DEFAULT_CACHE if use_cache is True else use_cache)
     # with an include_path, only its tasks are indexed (lmms_eval_cli); else lmms-eval's CLI as it is
     module = "lmms_eval" if include_path is None else "zoo_prune.integrations.lmms_eval_cli"
     if num_processes == 1:
@@ -100,9 +116,8 @@ def lmms_eval_command(model_args: dict, tasks: list[str], output_dir, *, limit: 
     else:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
         launcher = [accelerate, "launch", f"--num_processes={num_processes}", "-m", module]
-    command = launcher + ["--model", "zoo_prune", "--model_args", format_model_args(model_args),
-                          "--tasks", ",".join(tasks), "--batch_size", str(batch_size),
-                          "--output_path", str(output_dir), "--log_samples"]
+    command = launcher + ["--model", "zoo_prune", *model, "--tasks", ",".join(tasks), "--batch_size", str(batch_size),
+                          *output, "--log_samples"]
     if include_path is not None:
         command += ["--include_path", str(include_path)]
     if device is not None:
@@ -170,14 +185,49 @@ def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | f
     """
     command = lmms_eval_command(model_args, tasks, output_dir, limit=limit, include_path=include_path,
                                 use_cache=use_cache, num_processes=num_processes, device=device, batch_size=batch_size)
-    printable = shlex.join(command)
     if dry_run:
-        print(printable, flush=True)
+        print(shlex.join(command), flush=True)
         return {"command": command}
     output_dir = Path(cwd or ".") / output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    log_path = output_dir / "lmms_eval.log"
     start = time.time()
+    returncode, tail = _execute(command, output_dir / "lmms_eval.log", cwd)
+    return _checked(output_dir, tasks, start, returncode, command, output_dir / "lmms_eval.log", tail)
+
+
+def run_lmms_eval_series(runs: dict[str, dict], tasks: list[str], output_dir, limit: int | float | None = None,
+                         include_path=TESTBED_TASKS, use_cache: bool | str | os.PathLike = True, num_processes: int = 1,
+                         device: str | None = None, cwd=None, batch_size: int = 1) -> dict[str, dict]:
+    """Several runs of ``tasks`` in ONE lmms-eval process: lmms-eval's own ``--config`` with a list of runs
+    (each its ``model_args`` and ``output_path``), so the imports and the task index are paid once (a sweep).
+
+    ``runs`` maps a run's name to its ``model_args`` (as :func:`run_lmms_eval` takes them); run ``name``
+    writes ``output_dir/name``; the list of runs is ``output_dir/lmms_eval_runs.yaml``, the log
+    ``output_dir/lmms_eval.log``. Returns ``{name: results JSON}``, each checked as :func:`run_lmms_eval`
+    checks its one (lmms-eval goes on after a failed run of the list and exits 0: the missing results name it).
+    Every other argument is :func:`run_lmms_eval`'s, shared by the runs.
+    """
+    import yaml
+
+    if not runs or any(not isinstance(name, str) or not name or "/" in name for name in runs):
+        raise ValueError(f"runs must map non-empty names without '/' to model_args, got {list(runs)!r}")
+    folder = Path(cwd or ".") / output_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = [{"model_args": format_model_args(_cached(args, use_cache)), "output_path": str(Path(output_dir) / name)}
+               for name, args in runs.items()]
+    config = Path(output_dir) / "lmms_eval_runs.yaml"
+    (folder / "lmms_eval_runs.yaml").write_text(yaml.safe_dump(configs, sort_keys=False, width=1000))
+    command = _command(["--config", str(config)], tasks, [], limit=limit, include_path=include_path,
+                       num_processes=num_processes, device=device, batch_size=batch_size)
+    start = time.time()
+    returncode, tail = _execute(command, folder / "lmms_eval.log", cwd)
+    return {name: _checked(folder / name, tasks, start, returncode, command, folder / "lmms_eval.log", tail)
+            for name in runs}
+
+
+def _execute(command: list[str], log_path: Path, cwd) -> tuple[int, collections.deque]:
+    """Run ``command`` in its own process group, its output streamed to the console and ``log_path``;
+    (exit code, last lines). An exception here (Ctrl-C, SIGTERM) stops the whole group."""
     tail = collections.deque(maxlen=30)
     pipe = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     with open(log_path, "w") as log, subprocess.Popen(command, cwd=cwd, **pipe, **child_group()) as process:
@@ -189,7 +239,13 @@ def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | f
         except BaseException:  # interrupted: stop lmms-eval too (its stored answers stay for the next run)
             stop_group(process)
             raise
-    returncode = process.wait()
+    return process.wait(), tail
+
+
+def _checked(output_dir: Path, tasks: list[str], start: float, returncode: int, command: list[str], log_path: Path,
+             tail) -> dict:
+    """The results JSON of a run into ``output_dir`` (newer than ``start``, every task in it), or
+    :class:`LmmsEvalError` naming the command, the exit code, the problem and the log."""
     results_path = find_results(output_dir, since=start)
     problem = None
     if results_path is None:
@@ -203,7 +259,7 @@ def run_lmms_eval(model_args: dict, tasks: list[str], output_dir, limit: int | f
     if problem or returncode != 0:
         raise LmmsEvalError(
             f"lmms-eval failed (exit code {returncode}): {problem or 'non-zero exit'}\n"
-            f"command: {printable}\nlog: {log_path}\nlast lines:\n{''.join(tail)}"
+            f"command: {shlex.join(command)}\nlog: {log_path}\nlast lines:\n{''.join(tail)}"
         )
     results["results_path"] = str(results_path)
     return results

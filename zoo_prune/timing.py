@@ -7,8 +7,17 @@
     timing.median, timing.minimum, timing.maximum            # seconds
     session.conditions()                                     # threads, cores, load before / after, flags
 
+    with Parts(device="cuda") as parts:                      # seconds inside named calls of each repeat
+        parts.wrap(method, "sensitivity", "sensitivity")     # an object's method (instance attribute)
+        parts.wrap(language_model, "forward", "llm")         # or a module's forward
+        timing = session.time(lambda: model(**inputs), repeats=5, device="cuda", parts=parts)
+    timing.part("llm")                                       # median over the repeats of its seconds
+
 Every timing runs ``warmup`` untimed calls first, synchronises CUDA around each timed call when
-the work runs on a GPU, and keeps every repeat, so the median, minimum and maximum are all there.
+the work runs on a GPU (``device``), and keeps every repeat, so the median, minimum and maximum are
+all there. :class:`Parts` splits each timed call into the seconds spent inside named calls, each part
+exclusive of the parts nested in it (a method's sensitivity inside its selection counts once, as
+sensitivity), CUDA synchronised around each. :func:`peak_memory` reads the CUDA allocator's peak.
 
 A timing is **flagged** (and must be reported as such, never as a result) when
 
@@ -19,6 +28,7 @@ A timing is **flagged** (and must be reported as such, never as a result) when
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -58,10 +68,17 @@ class Timing:
 
     seconds: list[float]
     warmup: int = 1
+    parts: list[dict] = field(default_factory=list)  # per timed repeat: {part: seconds} (with a Parts timer)
 
     def __post_init__(self):
         if not self.seconds:
             raise ValueError("a Timing needs at least one timed repeat")
+
+    def part(self, name: str) -> float:
+        """Median over the repeats of the seconds spent in part ``name`` (0 in a repeat that never entered it)."""
+        if not self.parts:
+            raise ValueError("this timing was taken without a Parts timer")
+        return statistics.median(p.get(name, 0.0) for p in self.parts)
 
     @property
     def median(self) -> float:
@@ -96,11 +113,83 @@ def _synchronise(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def reset_peak_memory(device) -> None:
+    """Start a new peak of the CUDA allocator on ``device`` (nothing elsewhere)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device) -> int | None:
+    """Bytes at the CUDA allocator's peak on ``device`` since :func:`reset_peak_memory` (tensors only, as
+    ``torch.cuda.max_memory_allocated`` counts them); None off CUDA (no allocator peak to read)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+class Parts:
+    """Seconds spent inside named calls while a timed call runs, each part exclusive of the parts nested
+    in it, CUDA synchronised around each call (``device``). :meth:`wrap` times an object's method (set
+    as an instance attribute, so the object's own ``self.<name>(...)`` calls are timed too, and a
+    module's ``forward`` as its ``__call__`` runs it); leaving the ``with`` block (or :meth:`remove`)
+    puts every wrapped attribute back. :meth:`take` returns the seconds since the last take."""
+
+    def __init__(self, device=None, clock: Callable[[], float] = time.perf_counter):
+        self.device, self.clock = device, clock
+        self.seconds: dict[str, float] = {}
+        self._nested: list[float] = []
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner, attribute: str, part: str) -> None:
+        original = getattr(owner, attribute)
+        own = attribute in vars(owner)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            self._enter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._exit(part)
+
+        setattr(owner, attribute, timed)
+        self._undo.append(lambda: setattr(owner, attribute, original) if own else delattr(owner, attribute))
+
+    def _enter(self) -> None:
+        _synchronise(self.device)
+        self._nested.append(self.clock())
+        self._nested.append(0.0)  # seconds of the parts nested in this one
+
+    def _exit(self, part: str) -> None:
+        _synchronise(self.device)
+        nested = self._nested.pop()
+        elapsed = self.clock() - self._nested.pop()
+        self.seconds[part] = self.seconds.get(part, 0.0) + elapsed - nested
+        if self._nested:
+            self._nested[-1] += elapsed
+
+    def take(self) -> dict[str, float]:
+        seconds, self.seconds = self.seconds, {}
+        return seconds
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> "Parts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 def time_call(call: Callable[[], object], *, repeats: int = 3, warmup: int = 1, device=None,
-              max_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter) -> Timing:
+              max_seconds: float | None = None, clock: Callable[[], float] = time.perf_counter,
+              parts: Parts | None = None) -> Timing:
     """Time ``call()``: ``warmup`` untimed calls, then ``repeats`` timed ones (fewer, but at least one,
     once ``max_seconds`` of timed work is spent). ``device``: CUDA work is synchronised around each call.
-    ``clock`` is injectable for tests."""
+    ``parts``: a :class:`Parts` timer whose seconds of each timed call the Timing keeps. ``clock`` is
+    injectable for tests."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got repeats={repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -108,15 +197,20 @@ def time_call(call: Callable[[], object], *, repeats: int = 3, warmup: int = 1, 
     for _ in range(warmup):
         call()
     seconds: list[float] = []
+    split: list[dict] = []
     while len(seconds) < repeats:
+        if parts is not None:
+            parts.take()
         _synchronise(device)
         start = clock()
         call()
         _synchronise(device)
         seconds.append(clock() - start)
+        if parts is not None:
+            split.append(parts.take())
         if max_seconds is not None and sum(seconds) >= max_seconds:
             break
-    return Timing(seconds, warmup)
+    return Timing(seconds, warmup, split)
 
 
 @dataclass

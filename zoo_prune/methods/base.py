@@ -130,6 +130,12 @@ class Attachment:
     def remove(self) -> None:
         pass
 
+    def timed_calls(self) -> list[tuple[object, str, str]]:
+        """``(object, method name, part)`` of the calls that are the method's own work in a call with images,
+        for timing it apart from the model's (``zoo_prune.timing.Parts``): ``selection``, and ``sensitivity``
+        for the zeroth-order sensitivities (called inside the selection: timed apart from it)."""
+        return []
+
 
 def _run_groups(units: "Units", run) -> tuple[list, list]:
     """``run(rows, k)`` once per group of units of equal size and budget (one batched call each);
@@ -185,6 +191,12 @@ class ProjectorAttachment(Attachment):
         features, self.kept_indices = adapter.assemble(inputs, units, features, indices)
         return features
 
+    def timed_calls(self):
+        calls = [(self.method, "reduce", "selection")]
+        if callable(getattr(self.method, "sensitivity", None)):
+            calls.append((self.method, "sensitivity", "sensitivity"))
+        return calls
+
 
 # ------------------------------------------------------------------ vision stage
 
@@ -222,6 +234,9 @@ class VisionAttachment(Attachment):
             features, indices = _run_groups(units, run)
         features, self.kept_indices = adapter.assemble(inputs, units, features, indices)
         return features
+
+    def timed_calls(self):
+        return [(self.method, "merge", "selection")]
 
 
 # ------------------------------------------------------------------ LLM stage
@@ -264,3 +279,7 @@ class LLMAttachment(Attachment):
 
     def remove(self):
         self.hooks.remove()
+
+    def timed_calls(self):
+        # the ranking at the pruning layers and the drop (with any merge of the dropped tokens), inside the decoder
+        return [(self.hooks, name, "selection") for name in ("choose", "_apply") if hasattr(self.hooks, name)]
