@@ -17,56 +17,28 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from pipeline_helpers import ROOT, paper_params
 
 from pipeline import efficiency, plan, sweep
 from zoo_prune import timing
 
-ROOT = Path(__file__).resolve().parent.parent
-SIZES = ((96, 96), (128, 96))
 
-
-@pytest.fixture(scope="module")
-def standins(tmp_path_factory):
-    from zoo_prune.rehearsal import checkpoints, tasks
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("standins")
-    models = checkpoints.build_standins(root / "models", ["llava-1.5-7b", "llava-next-7b"])
-    tasks.build_standins(root / "data", ["pope", "scienceqa_img"], docs=3, image_sizes=SIZES)
-    return models, root / "data" / "tasks"
-
-
-def write_profile(folder: Path, standins, **paper) -> Path:
-    """``folder/params.yaml`` (the root params with short sweeps) and ``folder/paper/params.yaml`` (an
-    overlay on it, every output under ``folder/paper``), its plan written; returns the overlay's path."""
-    models, tasks = standins
+def profile(folder: Path, standins: Path, **paper) -> Path:
+    """A paper-profile folder on LLaVA-1.5-7B's and LLaVA-NeXT-7B's stand-ins (``pipeline_helpers.paper_params``,
+    the rehearsal's settings) with a base of its own: the repository's params.yaml with shorter sweeps."""
+    params = paper_params(folder, standins, models=["llava-1.5-7b", "llava-next-7b"],
+                          **{"ablation": {"model": "llava-1.5-7b"}, "sweep": {"limit": 2},
+                             "efficiency": {"samples": 1, "new_tokens": 2}, **paper})
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     base["sweep"].update(h=[0.001, 0.1], m=[4, 8])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(base))
-    overlay = {"base": "../params.yaml", "profile": "paper", "wandb": {"group": "pytest"}, "paper": {
-        "dir": str(folder / "paper"), "device": "cpu", "dtype": "float32", "num_processes": 1, "batch_size": 1, "limit": 2,
-        "include_path": str(tasks), "tasks": ["pope_standin", "scienceqa_img_standin"],
-        "benchmarks": {"pope_standin": "pope", "scienceqa_img_standin": "scienceqa_img"}, "task_notes": {},
-        "methods": ["zoo", "divprune"], "seeds": [],
-        "models": {"llava-1.5-7b": {"pretrained": str(models["llava-1.5-7b"]), "architecture": "LlavaForConditionalGeneration",
-                                    "budgets": [64]},
-                   # fused, not the paper's lowrank: the ledger would take a real SVD of a 4096 x 4096 layer
-                   "llava-next-7b": {"pretrained": str(models["llava-next-7b"]),
-                                     "architecture": "LlavaNextForConditionalGeneration", "budgets": [160],
-                                     "methods": ["zoo", "divprune", "fastv"]}},
-        "ablation": {"model": "llava-1.5-7b"}, "sensitivity": {"task": "pope_standin", "samples": 1, "overlay_samples": 0},
-        "proxy": {"model": "llava-1.5-7b", "tasks": ["pope_standin"], "samples": 1},
-        "sweep": {"model": "llava-1.5-7b", "task": "pope_standin", "keep": 64, "limit": 2},
-        "efficiency": {"model": "llava-next-7b", "task": "scienceqa_img_standin", "samples": 1, "new_tokens": 2,
-                       "warmup": 1, "repeats": 2}}}
-    for key, value in paper.items():
-        overlay["paper"][key] = value
-    path = folder / "paper" / "params.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(overlay, sort_keys=False))
-    plan.write(path)
-    return path
+    (folder / "base.yaml").write_text(yaml.safe_dump(base))
+    raw = yaml.safe_load(params.read_text())
+    raw["base"] = "base.yaml"
+    # the paper's lowrank on LLaVA-NeXT would have the App. D ledger take a real SVD of a 4096 x 4096 layer (~10-60 s)
+    raw["paper"]["models"]["llava-next-7b"].pop("estimator", None)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    plan.write(params)
+    return params
 
 
 def paper_csv(table: str) -> list[dict]:
@@ -74,10 +46,10 @@ def paper_csv(table: str) -> list[dict]:
         return [row for row in csv.DictReader(handle) if row["table"] == table]
 
 
-def test_sweep_runs_every_point_in_one_lmms_eval_process_with_its_own_settings(standins, tmp_path, monkeypatch):
+def test_sweep_runs_every_point_in_one_lmms_eval_process_with_its_own_settings(paper_standins, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    params = write_profile(tmp_path, standins)
-    out = tmp_path / "paper" / "outputs" / "sweep_m"
+    params = profile(tmp_path, paper_standins)
+    out = tmp_path / "outputs" / "sweep_m"
     sweep.main(["--over", "m", "--params", str(params), "--out", str(out)])
     data = pd.read_csv(out / "sweep.csv")
     assert data["m"].tolist() == [4, 8] and (data["questions"] == 2).all()
@@ -90,20 +62,20 @@ def test_sweep_runs_every_point_in_one_lmms_eval_process_with_its_own_settings(s
         lmms = json.loads(results.read_text())
         args = dict(a.split("=", 1) for a in lmms["config"]["model_args"].split(","))
         assert args["method"] == "zoo" and args["keep"] == "64" and args["dtype"] == "float32"
-        assert args["h"] == "0.01" and args["resume_cache"] == str(tmp_path / "paper" / "cache" / "lmms")
+        assert args["h"] == "0.01" and args["resume_cache"] == str(tmp_path / "cache" / "lmms")
         if point == "closed_form":
             assert args["estimator"] == "closed_form"
         else:
             assert args["m"] == point.split("=")[1] and args["estimator"] == "auto"
         assert score == lmms["results"]["pope_standin"]["pope_f1_score,none"]
     assert metrics["keep"] == 64 and "no values in analysis/paper_numbers.csv" in metrics["paper_fig4"]
-    assert (out / "figures" / "sweep_m.png").is_file() and not (tmp_path / "paper" / "outputs" / ".tmp").exists()
+    assert (out / "figures" / "sweep_m.png").is_file() and not (tmp_path / "outputs" / ".tmp").exists()
 
 
-def test_efficiency_times_every_planned_method_and_counts_app_d(standins, tmp_path, monkeypatch):
+def test_efficiency_times_every_planned_method_and_counts_app_d(paper_standins, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    params = write_profile(tmp_path, standins)
-    out = tmp_path / "paper" / "outputs" / "efficiency"
+    params = profile(tmp_path, paper_standins)
+    out = tmp_path / "outputs" / "efficiency"
     efficiency.main(["--params", str(params), "--out", str(out)])
     data = pd.read_csv(out / "efficiency.csv")
     assert sorted(zip(data["method"], data["keep"].fillna(0))) == [("divprune", 160), ("fastv", 160), ("unpruned", 0),
@@ -135,25 +107,28 @@ def test_efficiency_times_every_planned_method_and_counts_app_d(standins, tmp_pa
     paper = {(r["method"], int(r["keep"])): float(r["value"]) for r in paper_csv("appD")}
     next7b = app_d[app_d.model == "llava-next-7b"].set_index("method")
     assert next7b.loc["zoo", "paper_app_d"] == paper[("zoo", 160)] and next7b.loc["unpruned", "paper_app_d"] == paper[("unpruned", 2880)]
-    assert set(app_d.loc[app_d.model == "llava-1.5-7b", "method"]) == {"unpruned", "zoo", "divprune", "sensitivity_only",
-                                                                       "sum_fusion"}  # the plan's: + Table 5 variants
+    raw = yaml.safe_load(params.read_text())
+    table5 = yaml.safe_load((ROOT / "params.yaml").read_text())["ablation"]["variants"]  # on paper.ablation.model here
+    assert set(app_d.loc[app_d.model == "llava-1.5-7b", "method"]) == {"unpruned", *raw["paper"]["methods"], *table5}
+    assert set(app_d.loc[app_d.model == "llava-next-7b", "method"]) == {"unpruned", "zoo", "divprune", "fastv"}
     assert {p.name for p in (out / "figures").glob("*.png")} == {"prefill.png", "e2e.png", "app_d_llava_1_5_7b.png",
                                                                  "app_d_llava_next_7b.png"}
 
 
-def test_absent_checkpoints_are_skipped_by_name(standins, tmp_path, monkeypatch):
+def test_absent_checkpoints_are_skipped_by_name(paper_standins, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    missing = "zoo-prune-tests/absent-checkpoint"  # a hub id in no cache (the hub itself is never asked)
-    params = write_profile(tmp_path, standins, models={
-        "llava-1.5-7b": {"pretrained": missing, "architecture": "LlavaForConditionalGeneration", "budgets": [64]},
-        "llava-next-7b": {"pretrained": missing, "architecture": "LlavaNextForConditionalGeneration", "budgets": [160],
-                          "methods": ["divprune"]}})
-    outputs = tmp_path / "paper" / "outputs"
+    params = profile(tmp_path, paper_standins, efficiency={"model": "llava-1.5-7b"})
+    raw = yaml.safe_load(params.read_text())
+    missing = str(tmp_path / "not-downloaded")
+    raw["paper"]["models"]["llava-1.5-7b"]["pretrained"] = missing
+    params.write_text(yaml.safe_dump(raw))
+    plan.write(params)
+    outputs = tmp_path / "outputs"
     sweep.main(["--over", "h", "--params", str(params), "--out", str(outputs / "sweep_h")])
     efficiency.main(["--params", str(params), "--out", str(outputs / "efficiency")])
-    for stage, model in (("sweep_h", "llava-1.5-7b"), ("efficiency", "llava-next-7b")):
+    for stage in ("sweep_h", "efficiency"):
         record = json.loads((outputs / stage / "skipped.json").read_text())
-        assert record["model"] == model and record["stage"] == stage and not record["available"] and missing in record["reason"]
+        assert record["model"] == "llava-1.5-7b" and record["stage"] == stage and not record["available"] and missing in record["reason"]
     assert not (outputs / "sweep_h" / "sweep.csv").exists() and not (outputs / "efficiency" / "efficiency.csv").exists()
     assert (outputs / "efficiency" / "app_d.csv").is_file()  # counted on the configurations: no checkpoint needed
 
