@@ -236,20 +236,23 @@ def measured_and_counted(data: pd.DataFrame, measured: str, counted: str, measur
 
 def flops_bars(data: pd.DataFrame, model: str, note: str = "") -> plt.Figure:
     """Fig. A style: TFLOPs by method and budget (the ledger: counted on the real graph); with a
-    ``paper_app_d`` column, the paper's value is printed under ours where it gives one."""
+    ``paper_app_d`` column, the paper's value as a black diamond on the bar where it gives one."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     data = _categorical_tokens(data)
     methods = list(dict.fromkeys(data["method"]))
     sns.barplot(data=data, x="tokens", y="tflops", hue="method", hue_order=methods, ax=ax)
-    paper = data.set_index(["method", "tokens"])["paper_app_d"].to_dict() if "paper_app_d" in data else {}
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.2f", fontsize=7)
+    paper = data.set_index(["method", "tokens"])["paper_app_d"].dropna().to_dict() if "paper_app_d" in data else {}
+    points = []
     for method, container in zip(methods, ax.containers):
-        labels = []
         for bar in container:  # a bar's category: the x tick its centre is nearest to
-            tokens = data["tokens"].cat.categories[int(round(bar.get_x() + bar.get_width() / 2))]
-            value = paper.get((method, tokens))
-            ours = f"{bar.get_height():.2f}" if np.isfinite(bar.get_height()) else ""
-            labels.append(ours + (f"\n(paper {value:.2f})" if ours and value is not None and pd.notna(value) else ""))
-        ax.bar_label(container, labels=labels, fontsize=7)
+            centre = bar.get_x() + bar.get_width() / 2
+            value = paper.get((method, data["tokens"].cat.categories[int(round(centre))]))
+            if value is not None:
+                points.append((centre, value))
+    if points:
+        ax.scatter(*zip(*points), marker="D", s=22, color="black", zorder=3, label="paper App. D")
     ax.set(xlabel="visual tokens kept", ylabel="TFLOPs (2 per multiply-add)")
     _legend_right(ax)
     return _stamp(fig, f"Prefill FLOPs of {model}, counted on its graph (not measured)", note)
