@@ -349,6 +349,8 @@ def paper_profile(s, args) -> None:
     metrics = {**condition_metrics(conditions), **check, "model": name, "revision": record["revision"],
                "device": device, "dtype": paper["dtype"], "task": cfg["task"], "documents": len(inputs),
                "flops_counted_on": flops_on, "peak_memory": peak, "note": note,
+               "flops_image": f"the ledger's image: {ledger.visual_tokens} visual tokens unpruned (the documents' prompts "
+                              "hold prompt_visual_tokens) with the documents' mean text tokens",
                **{f"prefill_ms/{r.method}-{r.tokens}": float(r.prefill_ms) for r in timed.itertuples()},
                **{f"e2e_ms/{r.method}-{r.tokens}": float(r.e2e_ms) for r in timed.itertuples()},
                **{f"prefill_speedup/{r.method}-{r.tokens}": float(r.prefill_speedup) for r in timed.itertuples()},

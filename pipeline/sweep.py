@@ -124,10 +124,8 @@ def main(argv=None) -> None:
         label = f"{task} score at {keep} tokens"  # lmms-eval's primary metric (POPE: F1)
         if not paper:
             label = f"{task} {'F1' if 'existence' in task else 'accuracy'} at {keep} tokens"
-        figure = figures.save(figures.sweep(data, args.over, label, reference, "closed form (m -> inf)",
-                                            note,
-                                            questions=f"{questions} test questions per point"),
-                              figure_dir / f"{name}.png")
+        figure = figures.save(figures.sweep(data, args.over, label, reference, "closed form (m -> inf)", note,
+                                            questions=f"{questions} test questions per point"), figure_dir / f"{name}.png")
         metrics = {f"score/{args.over}={v}": float(x) for v, x in zip(data[args.over], data["score"])}
         if reference is not None:
             metrics["score/closed_form"] = float(reference)
