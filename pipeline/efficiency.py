@@ -87,7 +87,8 @@ def measure(session, model, inputs: list, method: str, keep, options: dict, *, n
             visual.append(int((x["input_ids"] == image_token).sum()))
             if split:
                 rest = statistics.median(t - sum(p.values()) for t, p in zip(prefill.seconds, prefill.parts))
-                parts.append({**{part: prefill.part(part) for part in ("sensitivity", "selection", "llm")}, "rest": rest})
+                own = {part: prefill.part(part) for part in ("sensitivity", "selection", "llm")}
+                parts.append({**own, "rest": rest})
     result = {"text_tokens": round(statistics.mean(text))}
     if split:
         result["prompt_visual_tokens"] = round(statistics.mean(visual))  # the images' placeholders before pruning
@@ -204,8 +205,8 @@ def testbed(s, args) -> None:
         "prefill": figures.save(figures.measured_and_counted(timed, "prefill_ms", "gflops",
                                                               f"prefill (ms, {cpu})", "GFLOPs (ledger)", stamp),
                                 fig / "prefill.png"),
-        "e2e": figures.save(figures.speed_bars(timed, "e2e_ms", f"end-to-end, {cfg['new_tokens']} new tokens (ms, {cpu})",
-                                               stamp), fig / "e2e.png"),
+        "e2e": figures.save(figures.speed_bars(timed, "e2e_ms", f"end-to-end, {cfg['new_tokens']} new tokens "
+                                               f"(ms, {cpu})", stamp), fig / "e2e.png"),
         "layer_cpu": figures.save(figures.layer_times(layers, flag), fig / "layer_cpu.png"),
     }
     metrics = {**condition_metrics(conditions),
@@ -310,11 +311,13 @@ def paper_profile(s, args) -> None:
     model, processor = _paper.load(s.params, name, record)
     documents = _paper.task_documents(s.params, cfg["task"], cfg["samples"])
     if len(documents) < cfg["samples"]:
-        raise StageError(f"task {cfg['task']!r} has {len(documents)} documents; paper.efficiency.samples asks for {cfg['samples']}")
+        raise StageError(f"task {cfg['task']!r} has {len(documents)} documents; paper.efficiency.samples asks for "
+                         f"{cfg['samples']}")
     inputs = document_inputs(processor, documents, device, model.dtype)
     standin = _paper.random_weights(record)
     if standin or name not in paper_models():
-        ledger, flops_on = Ledger.of(model, name), "the loaded checkpoint's own graph (its configuration on the meta device)"
+        ledger = Ledger.of(model, name)
+        flops_on = "the loaded checkpoint's own graph (its configuration on the meta device)"
     else:
         ledger, flops_on = Ledger.paper(name), f"zoo_prune/configs/{name}.json"
     fig5 = paper_fig5(name)
@@ -342,15 +345,16 @@ def paper_profile(s, args) -> None:
     images |= {
         "prefill": figures.save(figures.speed_bars(timed, "prefill_ms", f"prefill (ms, {where})", stamp),
                                 out / "figures" / "prefill.png"),
-        "e2e": figures.save(figures.speed_bars(timed, "e2e_ms", f"end-to-end, {cfg['new_tokens']} new tokens (ms, {where})",
-                                               stamp), out / "figures" / "e2e.png"),
+        "e2e": figures.save(figures.speed_bars(timed, "e2e_ms", f"end-to-end, {cfg['new_tokens']} new tokens "
+                                               f"(ms, {where})", stamp), out / "figures" / "e2e.png"),
     }
-    peak = "torch.cuda.max_memory_allocated" if torch.device(device).type == "cuda" else f"n/a (device {device}: no allocator peak)"
+    on_cuda = torch.device(device).type == "cuda"
+    peak = "torch.cuda.max_memory_allocated" if on_cuda else f"n/a (device {device}: no allocator peak)"
     metrics = {**condition_metrics(conditions), **check, "model": name, "revision": record["revision"],
                "device": device, "dtype": paper["dtype"], "task": cfg["task"], "documents": len(inputs),
                "flops_counted_on": flops_on, "peak_memory": peak, "note": note,
-               "flops_image": f"the ledger's image: {ledger.visual_tokens} visual tokens unpruned (the documents' prompts "
-                              "hold prompt_visual_tokens) with the documents' mean text tokens",
+               "flops_image": f"the ledger's image: {ledger.visual_tokens} visual tokens unpruned (the documents' "
+                              "prompts hold prompt_visual_tokens) with the documents' mean text tokens",
                **{f"prefill_ms/{r.method}-{r.tokens}": float(r.prefill_ms) for r in timed.itertuples()},
                **{f"e2e_ms/{r.method}-{r.tokens}": float(r.e2e_ms) for r in timed.itertuples()},
                **{f"prefill_speedup/{r.method}-{r.tokens}": float(r.prefill_speedup) for r in timed.itertuples()},

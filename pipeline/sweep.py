@@ -72,7 +72,8 @@ def series(s, args, value_options: dict[str, dict], record: dict | None) -> tupl
             if options.get("estimator") == CLOSED_FORM:
                 run["model_args"]["estimator"] = CLOSED_FORM  # the reference line, whatever the model's estimator
             runs[name] = run.pop("model_args")
-            shared = {k: v for k, v in run.items() if k not in ("tasks", "output_dir", "limit")} | {"limit": cfg["limit"]}
+            shared = {k: v for k, v in run.items() if k not in ("tasks", "output_dir", "limit")}
+            shared["limit"] = cfg["limit"]
     results = run_lmms_eval_series(runs, [task], out, **shared)
     return results, task, keep, note
 
@@ -124,8 +125,9 @@ def main(argv=None) -> None:
         label = f"{task} score at {keep} tokens"  # lmms-eval's primary metric (POPE: F1)
         if not paper:
             label = f"{task} {'F1' if 'existence' in task else 'accuracy'} at {keep} tokens"
-        figure = figures.save(figures.sweep(data, args.over, label, reference, "closed form (m -> inf)", note,
-                                            questions=f"{questions} test questions per point"), figure_dir / f"{name}.png")
+        drawn = figures.sweep(data, args.over, label, reference, "closed form (m -> inf)", note,
+                              questions=f"{questions} test questions per point")
+        figure = figures.save(drawn, figure_dir / f"{name}.png")
         metrics = {f"score/{args.over}={v}": float(x) for v, x in zip(data[args.over], data["score"])}
         if reference is not None:
             metrics["score/closed_form"] = float(reference)
