@@ -6,7 +6,7 @@ counted on the real graphs built on the meta device, plus the reconciliation wit
 Writes ``benchmarks/results/flops.csv`` (``model, method, keep, text_tokens, part, flops``: FLOPs =
 2 per multiply-add) and ``benchmarks/results/flops.md`` (the ledger table, then one table that puts
 each convention next to the paper's App. D: FastV's multiply-add formula, a three-matrix-MLP variant,
-the ledger, against LLaVA-NeXT-7B's 11.8 / 0.81 / 0.94 TFLOPs). Budgets come from params.yaml's
+the ledger, against LLaVA-NeXT-7B's 11.8 / 0.81 / 0.94 TFLOPs). Budgets come from paper/params.yaml's
 ``paper.models``, methods from the registry; sensitivity methods appear once per estimator
 (``zoo:closed_form``, ...) that applies to the model's projector.
 """
@@ -18,7 +18,6 @@ import csv
 import sys
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -124,10 +123,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=paper_models(), choices=paper_models())
     parser.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS)
-    parser.add_argument("--params", default=str(ROOT / "params.yaml"))
+    parser.add_argument("--params", default=str(ROOT / "paper" / "params.yaml"), help="the paper profile's params")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/flops.csv"))
     args = parser.parse_args()
-    budgets = budgets_of(yaml.safe_load(Path(args.params).read_text()))
+    from pipeline.schema import read
+
+    budgets = budgets_of(read(args.params))  # with its base: paper/params.yaml sets keys of params.yaml
     rows = []
     for name in args.models:
         print(f"counting {name} ...", flush=True)
