@@ -149,7 +149,7 @@ def differences(comparisons: pd.DataFrame, reference: str, note: str = "", quest
     """Every method's paired difference in ``measure`` to ``reference`` at each budget, with its interval
     (``comparisons``: long form of method, keep, versus, measure, value, low, high); 0 marked."""
     data = comparisons[(comparisons["versus"] == reference) & (comparisons["measure"] == measure)].copy()
-    data["label"] = data["method"] + " @ " + data["keep"].astype(int).astype(str)
+    data["label"] = data["method"] + " @ " + data["keep"].map(lambda k: f"{float(k):g}")
     data = data.sort_values(["keep", "method"], ascending=[False, True])
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(data) + 2.8))
     y = np.arange(len(data))[::-1]
@@ -267,3 +267,53 @@ def layer_times(data: pd.DataFrame, note: str = "") -> plt.Figure:
                     textcoords="offset points")
     ax.set(xlabel="sequence length (tokens)", ylabel="seconds per forward")
     return _stamp(fig, "One 7B-width decoder layer, CPU fp32, random weights", note)
+
+
+def paper_avg(panels: dict[str, pd.DataFrame], note: str = "", questions: str = "") -> plt.Figure:
+    """Avg (% of unpruned) against the budget, measured (solid, circles) beside the paper's published value
+    (dashed, crosses), one colour per method, one panel per table: ``panels`` {title: the ``avg`` cells of
+    ``analysis.paper.compare`` (method, keep, measured, paper)}. Budgets are categories, largest first
+    (token counts and ratios alike); the unpruned model's 100% dotted."""
+    from analysis.paper import UNPRUNED, keep_label
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 4.2), squeeze=False)
+    methods = list(dict.fromkeys(m for cells in panels.values() for m in cells["method"] if m != UNPRUNED))
+    palette = dict(zip(methods, sns.color_palette(n_colors=max(len(methods), 1))))
+    for ax, (title, cells) in zip(axes[0], panels.items()):
+        data = cells[cells["method"] != UNPRUNED]
+        budgets = sorted(dict.fromkeys(data["keep"]), key=float, reverse=True)
+        x = {k: i for i, k in enumerate(budgets)}
+        for method, group in data.groupby("method", sort=False):
+            group = group.assign(x=group["keep"].map(x)).sort_values("x")
+            ax.plot(group["x"], group["measured"], color=palette[method], marker="o", ms=5, lw=1.5, label=f"{method}")
+            if group["paper"].notna().any():
+                ax.plot(group["x"], group["paper"], color=palette[method], marker="x", ms=6, lw=1, ls="--",
+                        label=f"{method} (paper)")
+        ax.axhline(100, color="k", lw=1, ls=":")
+        ax.set(xticks=range(len(budgets)), xticklabels=[keep_label(k) for k in budgets], xlim=(-0.5, len(budgets) - 0.5),
+               xlabel="visual tokens kept", ylabel="Avg (% of unpruned)", title=title)
+        values = pd.concat([data["measured"], data["paper"]]).dropna()
+        ax.set_ylim(min(0, values.min() - 5) if len(values) else 0, max(105, values.max() + 5) if len(values) else 105)
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1),
+                       frameon=False)
+    return _stamp(fig, "Accuracy retained: measured (solid) and the paper's (dashed)"
+                       + (f" ({questions})" if questions else ""), note)
+
+
+def stamp(source, target, note: str) -> Path:
+    """A copy of the PNG ``source`` at ``target`` with ``note`` in red bold on a band above it (the pixels of
+    the original unchanged), so a figure copied from a rehearsal says so on its face."""
+    image = plt.imread(str(source))
+    height, width = image.shape[:2]
+    dpi = 100
+    text = textwrap.fill(note, max(20, int(width / 9.5)))  # ~9 px per bold 10 pt character at 100 dpi
+    band = int(17 * (text.count("\n") + 1) + 14)
+    fig = plt.figure(figsize=(width / dpi, (height + band) / dpi), dpi=dpi)
+    fig.figimage(image, xo=0, yo=0, origin="upper")
+    fig.text(0.5, 1 - 6 / (height + band), text, ha="center", va="top", color="crimson", fontsize=10, fontweight="bold")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=dpi)
+    plt.close(fig)
+    return target

@@ -66,20 +66,31 @@ def agreement(samples: dict[str, list]) -> pd.DataFrame:
     return table
 
 
-def task_scores(results: dict) -> dict[str, float]:
-    """``{task: primary score}`` of an lmms-eval results JSON (groups, which carry no score, are skipped)."""
-    scores = {}
+def _primary(results: dict) -> dict[str, tuple[tuple[str, ...], dict]]:
+    """``{task: (the primary metric's names, the task's numeric metrics)}`` (groups, which carry no score, skipped)."""
+    primary = {}
     for task, entry in results["results"].items():
         metrics = {k.split(",")[0]: v for k, v in entry.items() if "," in k and "stderr" not in k
                    and isinstance(v, (int, float)) and not isinstance(v, bool)}
         rule = next((r for r in PRIMARY if all(m in metrics for m in ((r,) if isinstance(r, str) else r))), None)
         if rule is not None:
-            scores[task] = float(sum(metrics[m] for m in ((rule,) if isinstance(rule, str) else rule)))
+            primary[task] = ((rule,) if isinstance(rule, str) else rule), metrics
         elif metrics:
-            scores[task] = float(next(iter(metrics.values())))
-    if not scores:
+            primary[task] = (next(iter(metrics)),), metrics
+    if not primary:
         raise ValueError(f"no task scores in results (tasks: {list(results['results'])})")
-    return scores
+    return primary
+
+
+def task_scores(results: dict) -> dict[str, float]:
+    """``{task: primary score}`` of an lmms-eval results JSON (groups, which carry no score, are skipped)."""
+    return {task: float(sum(metrics[m] for m in names)) for task, (names, metrics) in _primary(results).items()}
+
+
+def task_metrics(results: dict) -> dict[str, str]:
+    """``{task: the primary metric's name}`` that :func:`task_scores` reads (a sum joined by ``+``: MME's
+    ``mme_perception_score+mme_cognition_score``): the scale of the score is the metric's own."""
+    return {task: "+".join(names) for task, (names, _) in _primary(results).items()}
 
 
 def relative(scores: pd.DataFrame, unpruned: pd.Series) -> pd.DataFrame:
@@ -393,6 +404,14 @@ def seed_spread(samples: pd.DataFrame, base: dict[str, float] | None = None) -> 
         return pd.DataFrame(columns=["method", "keep", "task", "seeds", "mean", "sd", "min", "max"])
     scores = (samples.groupby(["method", "keep", "seed", "task"]).apply(task_score, include_groups=False)
               .rename("score").reset_index())
+    return score_spread(scores, base)
+
+
+def score_spread(scores: pd.DataFrame, base: dict[str, float] | None = None) -> pd.DataFrame:
+    """:func:`seed_spread` from the runs' task scores (columns method, keep, seed, task, score) instead of
+    their per-question rows (a benchmark whose per-question outcome is no 0/1 has its score only)."""
+    if scores.empty:
+        return pd.DataFrame(columns=["method", "keep", "task", "seeds", "mean", "sd", "min", "max"])
     per_seed = scores.groupby(["method", "keep", "seed"])
     extra = [per_seed["score"].mean().reset_index().assign(task="Mean")]
     if base is not None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 from analysis import figures, stats
 
 from ._common import StageError, parser, stage, weights_note, write_json
-from .results import bootstrap_runs, expected_runs, interval_table, readable_table, tokens_per_image
+from .results import (bootstrap_runs, checkpoint_records, expected_runs, interval_table, model_tables, paper_parser,
+                      profile_of, readable_table, summary_lines, tokens_per_image)
 
 # method -> (sensitivity, diversity, fusion), the columns of the paper's Table 5
 VARIANTS = {"sensitivity_only": ("yes", "no", "none"), "divprune": ("no", "yes", "none"),
@@ -15,14 +16,56 @@ VARIANTS = {"sensitivity_only": ("yes", "no", "none"), "divprune": ("no", "yes",
 FLAGS = ("Sensitivity", "Diversity", "Fusion")
 
 
+def check_variants(variants: list[str]) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise StageError(f"params ablation.variants has {unknown}; choose from {list(VARIANTS)}")
+
+
+def paper_main(argv) -> None:
+    """Table 5 (``--params`` of the paper profile): ``ablation.variants`` on ``paper.ablation.model`` at its budgets,
+    the paper's numbers beside; everything inside ``--out`` (``<model>/...``, summary.md, metrics.json)."""
+    from pathlib import Path
+
+    from analysis import paper
+
+    from . import _paper
+
+    args = paper_parser("ablation").parse_args(argv)
+    with stage("ablation", args, ["paper", "ablation", "results"], ["out"]) as s:
+        model = s.params["paper"]["ablation"]["model"]
+        _paper.spec(s.params, model)
+        variants = s.params["ablation"]["variants"]
+        check_variants(variants)
+        res = s.params["results"]
+        numbers = paper.paper_numbers()
+        runs = Path(args.runs)
+        note = _paper.weights_note(checkpoint_records(s.params, runs.parent / "checkpoints")[model])
+        out = s.out["out"]
+        out.mkdir(parents=True)
+        summary = model_tables(s, model, runs, out, variants, paper.ABLATION_TABLE, numbers, note, flags=VARIANTS,
+                               reference=res["reference"], pair=res["mcnemar"])
+        lines = ([f"**{note}**", ""] if note else []) + summary_lines([summary], "Table 5: the selection score's ablation")
+        (out / "summary.md").write_text("\n".join(lines))
+        metrics = dict(summary.get("metrics", {})) | {f"status/{model}": summary["status"], "rehearsal": bool(note)}
+        if summary.get("reason"):
+            metrics[f"reason/{model}"] = summary["reason"]
+        missing = [*summary["missing"], *summary["failed"], *summary["skipped"]]
+        if summary["status"] == "ran" and missing:
+            metrics[f"missing/{model}"] = missing
+        write_json(out / "metrics.json", metrics)
+        s.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+              images={p.stem: p for p in sorted(out.glob("**/figures/*.png"))})
+
+
 def main(argv=None) -> None:
+    if profile_of(argv) == "paper":
+        return paper_main(argv)
     p = parser(__doc__, "ablation", inputs=("runs", "model"))
     args = p.parse_args(argv)
     with stage("ablation", args, ["ablation", "budgets", "results"], ["out", "metrics", "figures"]) as s:
         variants = s.params["ablation"]["variants"]
-        unknown = [v for v in variants if v not in VARIANTS]
-        if unknown:
-            raise StageError(f"params ablation.variants has {unknown}; choose from {list(VARIANTS)}")
+        check_variants(variants)
         res = s.params["results"]
         options = {key: res[key] for key in ("confidence", "resamples", "seed")}
         expected = expected_runs(s.params, variants)

@@ -36,16 +36,16 @@ PLAN_SECTIONS = ["profile", "paper", "ablation"]  # what the plan is a function 
 OVERLAY_KEYS = {"base", "profile", "wandb", "paper"}  # what a profile's params file may set (DVC tracks these)
 
 
-def methods_of(params: dict, model: str) -> list[str]:
-    """The methods planned for ``model``: its own ``methods`` or ``paper.methods``, plus Table 5's variants
-    (``ablation.variants``) on ``paper.ablation.model``; only those whose kind its adapter runs."""
+def methods_of(params: dict, model: str, ablation: bool = True) -> list[str]:
+    """The methods planned for ``model``: its own ``methods`` or ``paper.methods``, plus (``ablation``) Table 5's
+    variants (``ablation.variants``) on ``paper.ablation.model``; only those whose kind its adapter runs."""
     from zoo_prune import method_class
     from zoo_prune.adapters import adapter_class
 
     paper = params["paper"]
     spec = paper["models"][model]
     names = list(spec.get("methods") or paper["methods"])
-    if model == paper["ablation"]["model"]:
+    if ablation and model == paper["ablation"]["model"]:
         names += [v for v in params["ablation"]["variants"] if v not in names]
     supports = adapter_class(spec["architecture"]).supports
     return [m for m in names if method_class(m).kind in supports]

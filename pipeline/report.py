@@ -132,6 +132,10 @@ def sections(params: dict, metrics: dict) -> list[dict]:
 
 
 def main(argv=None) -> None:
+    from .results import profile_of
+
+    if profile_of(argv) == "paper":
+        return paper_main(argv)
     p = parser(__doc__, inputs=("model",))
     p.add_argument("--outputs", default="outputs")
     p.add_argument("--out", default="outputs/report")
@@ -175,6 +179,175 @@ def main(argv=None) -> None:
         (out / "README.md").write_text("\n".join(lines) + "\n")
         write_json(out / "metrics.json", metrics)
         s.log(images={p.stem: p for p in sorted((out / "figures").glob("*.png"))})
+
+
+# ---------------------------------------------------------------- the paper profile (paper/dvc.yaml)
+#
+# README.md (the index: provenance, the models and their checkpoints, every page's status) and one page per
+# part of the paper; each page's tables and figures are found in its stage folders by kind (analysis.outputs),
+# so a stage that writes another table or figure appears without a change here. When any checkpoint record is
+# a random-weight stand-in, every page starts with the RANDOM-WEIGHT REHEARSAL note and every figure copied
+# into the report carries it on its face.
+
+MAX_ROWS = 60  # a CSV without a markdown rendering is shown as a table up to this many rows (else linked)
+
+# page -> (title, [(stage folder under --outputs, section title)], what the paper publishes for it)
+PAGES = {
+    "results": ("Tables 1-4: every model's benchmarks, the paper's numbers beside", [("results", "Tables 1-4")],
+                "beside"),
+    "ablation": ("Table 5: ablation of the selection score", [("ablation", "Table 5")], "beside"),
+    "sensitivity": ("Sensitivity estimators per model: agreement, Fig. 6 overlays", [("sensitivity", "Sensitivity")],
+                    "The paper prints no numbers for the estimators' agreement; Fig. 6 is a picture (kept tokens)."),
+    "proxy": ("Fig. 2: the projector as a proxy for the vision encoder", [("proxy", "Proxy")], ("fig2",)),
+    "sweeps": ("Fig. 4: step size h and directions m", [("sweep_h", "Fig. 4a: h"), ("sweep_m", "Fig. 4b: m")],
+               "Fig. 4 is a plot: the paper prints no numbers for it (its text: h and m matter little near h = 0.01, m = 64)."),
+    "efficiency": ("Fig. 5 / App. D: efficiency and FLOPs", [("efficiency", "Efficiency")], ("fig5", "appD")),
+}
+
+
+def published(tables: tuple[str, ...]) -> str:
+    """The paper's numbers of ``tables`` (analysis/paper_numbers.csv) as a markdown table."""
+    from analysis.paper import keep_label, paper_numbers
+
+    numbers = paper_numbers()
+    rows = numbers[numbers["table"].isin(tables)]
+    shown = pd.DataFrame({"where": rows["table"].map(lambda t: {"fig2": "Fig. 2", "fig5": "Fig. 5", "appD": "App. D"}.get(t, t)),
+                          "model": rows["model"], "method": rows["method"],
+                          "tokens": [keep_label(k) if k is not None else "" for k in rows["keep"]],
+                          "benchmark": rows["benchmark"], "metric": rows["metric"], "value": rows["value"].map(lambda v: f"{v:g}"),
+                          "source": rows["source"]})
+    return stats.markdown_frame(shown)
+
+
+class PaperReport:
+    """Writes the pages into ``out``: figures copied (stamped with ``note`` when it is set), CSVs copied."""
+
+    def __init__(self, outputs: Path, out: Path, note: str):
+        self.outputs, self.out, self.note = outputs, out, note
+        self.figures: list[Path] = []
+        (out / "figures").mkdir(parents=True)
+        (out / "tables").mkdir()
+
+    def banner(self) -> list[str]:
+        return [f"> **{self.note}**", ""] if self.note else []
+
+    def figure(self, source: Path, name: str) -> str:
+        from analysis import figures
+
+        target = self.out / "figures" / f"{name}.png"
+        if self.note:
+            figures.stamp(source, target, self.note)
+        else:
+            shutil.copy(source, target)
+        self.figures.append(target)
+        return f"figures/{target.name}"
+
+    def section(self, found, title: str, level: int, prefix: str) -> list[str]:
+        lines = [f"{'#' * level} {title}", ""]
+        where = f"`{found.path}`"
+        if found.status == "not run":
+            return lines + [f"*Not run*: nothing under {where} yet (its stage has not run).", ""]
+        if found.status == "skipped":
+            return lines + [f"*Skipped*: {found.reason}", ""]
+        for md in found.markdown:
+            lines += [md.read_text().rstrip(), ""]
+        links = []
+        for path in found.csv:
+            name = f"{prefix}_{path.name}"
+            shutil.copy(path, self.out / "tables" / name)
+            links.append(f"[{path.name}](tables/{name})")
+        for path in found.csv_alone():
+            data = pd.read_csv(path)
+            if len(data) <= MAX_ROWS:
+                lines += [f"`{path.name}`:", "", render_csv(data), ""]
+        if links:
+            lines += ["CSV: " + ", ".join(links), ""]
+        for path in found.figures:
+            lines += [f"![{title}: {path.stem}]({self.figure(path, f'{prefix}_{path.stem}')})", ""]
+        for name, part in found.parts.items():
+            lines += self.section(part, name, level + 1, f"{prefix}_{name}")
+        return lines
+
+    def page(self, name: str, title: str, folders: list[tuple[str, str]], paper) -> tuple[list[str], dict]:
+        from analysis.outputs import listing
+
+        lines = self.banner() + [f"# {title}", "", "[Back to the report](README.md)", ""]
+        if isinstance(paper, tuple):
+            lines += ["## The paper's published numbers", "", published(paper), ""]
+        elif paper == "beside":
+            lines += ["The paper's published number stands beside every measured cell (analysis/paper_numbers.csv).", ""]
+        else:
+            lines += [paper, ""]
+        status = {}
+        for folder, heading in folders:
+            found = listing(self.outputs / folder)
+            status[folder] = found
+            lines += self.section(found, heading, 2, folder.replace("/", "_"))
+        (self.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+        return lines, status
+
+
+def collect_metrics(found, prefix: str) -> dict:
+    metrics = {prefix: found.metrics} if found.metrics else {}
+    for name, part in found.parts.items():
+        metrics |= collect_metrics(part, f"{prefix}/{name}")
+    return metrics
+
+
+def paper_main(argv) -> None:
+    """The paper profile's report: README.md and one page per part of the paper, in ``--out``."""
+    from analysis.outputs import checkpoint_records
+
+    from . import _paper
+
+    p = parser(__doc__, inputs=())
+    p.add_argument("--outputs", required=True, help="<paper.dir>/outputs")
+    p.add_argument("--out", required=True, help="<paper.dir>/report")
+    args = p.parse_args(argv)
+    with stage("report", args, ["paper"], ["out"]) as s:
+        outputs = Path(args.outputs)
+        records = checkpoint_records(outputs) or _paper.records(s.params)
+        note = _paper.weights_note(records.values())
+        report = PaperReport(outputs, s.out["out"], note)
+        commit, date = provenance()
+        metrics, statuses = {}, {}
+        for name, (title, folders, paper) in PAGES.items():
+            _, status = report.page(name, title, folders, paper)
+            statuses[name] = (title, status)
+            for folder, found in status.items():
+                metrics |= collect_metrics(found, folder)
+        lines = report.banner() + [
+            "# zoo-prune: the paper's tables and figures, measured", "",
+            f"Profile `paper`, outputs `{outputs}`; commit `{commit}`, made {date}. Each table sets the paper's "
+            "published number (analysis/paper_numbers.csv) beside the measured one.", "",
+            "## Models", "", "| model | checkpoint | weights | revision |", "|---|---|---|---|"]
+        for model in s.params["paper"]["models"]:
+            record = records.get(model)
+            if record is None:
+                lines.append(f"| {model} | no record (the checkpoints stage has not run) | | |")
+                continue
+            weights = ("**random-weight stand-in**" if _paper.random_weights(record) else "the checkpoint's") \
+                if record.get("available") else f"**absent, skipped**: {record.get('reason')}"
+            lines.append(f"| {model} | `{record.get('pretrained')}` | {weights} | {record.get('revision') or ''} |")
+        skipped = [m for m, r in records.items() if not r.get("available")]
+        lines += [""] + ([f"Skipped models (absent checkpoints): {', '.join(f'**{m}**' for m in skipped)}; their "
+                          "entries wrote skip records and their tables say so.", ""] if skipped else [])
+        lines += ["## Pages", "", "| page | stage outputs |", "|---|---|"]
+        for name, (title, status) in statuses.items():
+            parts = []
+            for folder, found in status.items():
+                extra = ""
+                if found.parts:
+                    kinds = {}
+                    for part, sub in found.parts.items():
+                        kinds.setdefault(sub.status, []).append(part)
+                    extra = " (" + "; ".join(f"{k}: {', '.join(v)}" for k, v in kinds.items()) + ")"
+                parts.append(f"`{folder}`: {found.status}{extra}")
+            lines.append(f"| [{title}]({name}.md) | {'; '.join(parts)} |")
+        (s.out["out"] / "README.md").write_text("\n".join(lines) + "\n")
+        metrics["rehearsal"] = bool(note)
+        write_json(s.out["out"] / "metrics.json", metrics)
+        s.log(images={p.stem: p for p in report.figures})
 
 
 if __name__ == "__main__":

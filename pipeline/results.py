@@ -167,6 +167,8 @@ def readable_seeds(spread: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv=None) -> None:
+    if profile_of(argv) == "paper":
+        return paper_main(argv)
     p = parser(__doc__, "results", inputs=("runs", "model"))
     args = p.parse_args(argv)
     with stage("results", args, ["evaluate", "budgets", "results"], ["out", "metrics", "figures"]) as s:
@@ -236,6 +238,325 @@ def main(argv=None) -> None:
         write_json(s.out["metrics"], metrics)
         s.log(metrics=metrics, tables={"results": table.reset_index(), "comparisons": comparisons, "mcnemar": mcnemar,
                                        "seeds": spread}, images=images)
+
+
+# ---------------------------------------------------------------- the paper profile (paper/dvc.yaml)
+#
+# Tables 1-4: one per model of paper.models (which is which: analysis/paper_numbers.csv's table and model
+# columns), the measured score of each benchmark beside the paper's published number and the difference.
+# Every output is inside --out: <model>/{table,cells,bootstrap,comparisons,mcnemar,seeds}.*, <model>/figures,
+# figures/avg_vs_budget.png, summary.md, metrics.json.
+
+PAPER_CAPTION = {"results": "Tables 1-4", "ablation": "Table 5"}
+
+
+def paper_parser(name: str):
+    """The paper stages' command line (paper/dvc.yaml): --params, --runs, --out; nothing else is written."""
+    p = parser(__doc__ if name == "results" else "", inputs=("runs",))
+    p.add_argument("--out", required=True, help=f"folder of every output (<paper.dir>/outputs/{name})")
+    return p
+
+
+def profile_of(argv) -> str:
+    """The profile of the params file the command line names (read before the stage decides its sections)."""
+    import argparse
+
+    from ._common import load_params
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--params", default="params.yaml")
+    known, _ = p.parse_known_args(argv)
+    try:
+        return load_params(known.params, ["profile"])["profile"]
+    except Exception:  # noqa: BLE001 - the stage itself names the problem
+        return "testbed"
+
+
+def checkpoint_records(params: dict, folder: Path) -> dict[str, dict]:
+    """Each model's checkpoint record: ``<folder>/<model>/checkpoint.json`` (the checkpoints stage's), else
+    resolved now (``_paper.availability``)."""
+    from . import _paper
+
+    records = {}
+    for model in params["paper"]["models"]:
+        path = folder / model / "checkpoint.json"
+        records[model] = json.loads(path.read_text()) if path.exists() else _paper.availability(params, model)
+    return records
+
+
+def read_model_runs(folder: Path, names: list[str], params: dict, metrics: dict[str, str]) -> dict:
+    """The evaluate entries ``names`` of one model under ``folder``: ``scores`` (long form: run, method, keep,
+    seed, task, benchmark, lmms_metric, score, value = the score in the paper's unit), ``present`` (runs with
+    scores), ``skipped`` ({run: skip record}), ``missing`` (no folder), ``failed`` ({run: what is missing}),
+    ``ignored`` (tasks with no paper column)."""
+    from analysis.paper import benchmark_of, paper_units
+
+    from . import _paper
+
+    found = {"present": [], "skipped": {}, "missing": [], "failed": {}, "ignored": set()}
+    records = []
+    for name in names:
+        run = folder / name
+        if not run.is_dir():
+            found["missing"].append(name)
+            continue
+        skip = _paper.skipped(run)
+        if skip is not None:
+            found["skipped"][name] = skip
+            continue
+        absent = [f for f in ("scores.json", "results.json") if not (run / f).exists()]
+        if absent:
+            found["failed"][name] = f"no {' / '.join(absent)} (the entry failed or never finished)"
+            continue
+        scores = json.loads((run / "scores.json").read_text())
+        lmms = stats.task_metrics(json.loads((run / "results.json").read_text()))
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+        method, keep, extra = stats.parse_run_name(name)
+        for task, score in scores.items():
+            try:
+                benchmark = benchmark_of(task, params)
+            except ValueError:
+                found["ignored"].add(task)
+                continue
+            metric = lmms.get(task, "")
+            records.append({"run": name, "method": method, "keep": keep, "seed": extra if extra is not None else info.get("seed"),
+                            "extra_seed": extra is not None, "task": task, "benchmark": benchmark, "lmms_metric": metric,
+                            "score": float(score), "value": paper_units(score, metric, metrics.get(benchmark, ""))})
+        found["present"].append(name)
+    columns = ["run", "method", "keep", "seed", "extra_seed", "task", "benchmark", "lmms_metric", "score", "value"]
+    found["scores"] = pd.DataFrame(records, columns=columns)
+    found["scores"]["keep"] = pd.Series([r["keep"] for r in records], dtype=object)  # None (unpruned), 64, 0.2
+    return found
+
+
+def paired_statistics(samples: pd.DataFrame, methods: list[str], budgets: list, reference: str | None,
+                      pair: list[str] | None, options: dict) -> dict:
+    """The testbed's paired statistics on the benchmarks whose per-question correctness the runs hold
+    (``samples.csv``: lmms-eval's 0/1 per-sample scores), per budget on the runs present: bootstrap intervals
+    of every score and of Avg / Mean over those benchmarks, differences to unpruned and ``reference``,
+    McNemar's test of ``pair``. ``note`` says what they rest on or why there are none."""
+    present = set(samples["run"])
+    if UNPRUNED not in present:
+        return {"note": "no paired statistics: the unpruned run has no per-question table (samples.csv)"}
+    parts, covered = [], set()
+    for i, keep in enumerate(budgets):
+        names = [stats.run_name(m, keep) for m in methods if stats.run_name(m, keep) in present]
+        if not names:
+            continue
+        ref = stats.run_name(reference, keep) if reference else None
+        references = [UNPRUNED] + ([ref] if ref in names else [])
+        chosen = samples[samples["run"].isin([UNPRUNED, *names])]
+        tasks = set.intersection(*(set(g["task"]) for _, g in chosen.groupby("run")))
+        chosen = chosen[chosen["task"].isin(tasks)]
+        if chosen.empty:
+            continue
+        part = stats.paired_bootstrap(chosen, [UNPRUNED, *names], references=references, **options)
+        parts.append(part[(part["run"] != UNPRUNED) | ((part["versus"] == "") & (i == 0))])
+        covered |= tasks
+    if not parts:
+        return {"note": "no paired statistics: no benchmark has per-question correctness in every run"}
+    boot = pd.concat(parts, ignore_index=True)
+    parsed = boot["run"].map(stats.parse_run_name)
+    boot = boot.assign(method=parsed.str[0], keep=parsed.str[1],
+                       versus=boot["versus"].map(lambda v: stats.parse_run_name(v)[0] if v else ""))
+    result = {"bootstrap": boot, "comparisons": boot[boot["versus"] != ""], "benchmarks": sorted(covered)}
+    if pair:
+        both = [k for k in budgets if all(stats.run_name(m, k) in present for m in pair)]
+        if both:
+            alpha = round(1 - options["confidence"], 10)
+            result["mcnemar"] = mcnemar_tables(samples[samples["task"].isin(covered)], pair, both, options, alpha)
+    sizes = samples[samples["run"] == UNPRUNED].groupby("task")["doc_id"].nunique()
+    result["note"] = (f"Paired statistics on the benchmarks with per-question correctness (samples.csv): "
+                      f"{', '.join(f'{t} ({sizes.get(t, 0)} questions)' for t in sorted(covered))}; the others' per-sample "
+                      "scores are no 0/1 outcome (MME, POPE, MMBench, MMMU, SEED-Bench are scored over the whole task, "
+                      "VQA accuracy per question is fractional) and enter no paired statistic. Avg / Mean here: over these "
+                      f"benchmarks only. [{options['confidence']:.0%} paired-bootstrap intervals, {options['resamples']} "
+                      "resamples of the questions]")
+    return result
+
+
+def budget_sort(budgets) -> list:
+    return sorted(budgets, key=float, reverse=True)
+
+
+def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table: str | None, numbers: pd.DataFrame,
+                 note: str, seeds: list[int] = (), reference: str | None = None, pair: list[str] | None = None,
+                 flags: dict | None = None) -> dict:
+    """One model's table in the paper's form with the paper's numbers beside (``table``), its paired statistics
+    and seeds, written under ``out/<model>``; returns the model's summary (status, missing, metrics, avg cells)."""
+    from analysis import paper
+    from zoo_prune import method_class
+
+    params = s.params
+    budgets = budget_sort(params["paper"]["models"][model]["budgets"])
+    main = [UNPRUNED] + [stats.run_name(m, k) for m in methods for k in budgets]
+    extra = [stats.run_name(m, k, seed) for m in methods if method_class(m).stochastic() for k in budgets for seed in seeds]
+    metrics_of = paper.benchmark_metrics(numbers)
+    found = read_model_runs(runs / model, main + extra, params, metrics_of)
+    summary = {"model": model, "table": table, "skipped": found["skipped"], "missing": found["missing"],
+               "failed": found["failed"], "present": found["present"]}
+    if not found["present"]:
+        reasons = {r.get("reason") for r in found["skipped"].values()}
+        summary["status"] = "skipped" if found["skipped"] else "not run"
+        summary["reason"] = "; ".join(sorted(r for r in reasons if r)) or f"no evaluate outputs under {runs / model}"
+        return summary
+    summary["status"] = "ran"
+    folder = out / model
+    (folder / "figures").mkdir(parents=True)
+    scores = found["scores"]
+    measured = scores[~scores["extra_seed"]]
+    cells = paper.compare(measured[["method", "keep", "benchmark", "value"]], table, numbers)
+    cells.to_csv(folder / "cells.csv", index=False)
+    table_frame = paper.wide(cells)
+    shown = paper.readable(cells, metrics_of, paper.unpruned_keep(table, numbers))
+    if flags:
+        table_frame.insert(0, "fusion", [flags.get(m, ("", "", ""))[2] for _, m in table_frame.index])
+        for i, column in enumerate(("sensitivity", "diversity")):
+            table_frame.insert(i, column, [flags.get(m, ("", "", ""))[i] for _, m in table_frame.index])
+        for i, column in enumerate(("Sensitivity", "Diversity", "Fusion")):
+            shown.insert(2 + i, column, [flags.get(m, ("", "", ""))[i] for m in shown["method"]])
+    table_frame.to_csv(folder / "table.csv")
+    title = f"{model}: the paper's {table.replace('table', 'Table ')}" if table else f"{model}: no table of the paper reports it"
+    printed = [b for b in dict.fromkeys(numbers.loc[numbers["table"] == table, "benchmark"]) if b != paper.AVG] if table else []
+    measured_benchmarks = set(measured["benchmark"])
+    avg_over = [b for b in printed if b in measured_benchmarks] if printed else sorted(measured_benchmarks)
+    over = f" Avg measured over {', '.join(avg_over)}" + (f"; the paper's over {', '.join(printed)}." if printed else ".")
+    lines = [f"### {title}", "", paper.LEGEND + over, ""]
+    sizes = json.loads((runs / model / UNPRUNED / "run.json").read_text()).get("questions", {}) \
+        if (runs / model / UNPRUNED / "run.json").exists() else {}
+    if sizes:
+        lines += [f"Questions per task (per-question table): {', '.join(f'{t} {n}' for t, n in sorted(sizes.items()))}.", ""]
+    lines += [stats.markdown_frame(shown)]
+    problems = [f"- `{r}`: skipped ({found['skipped'][r].get('reason')})" for r in found["skipped"]]
+    problems += [f"- `{r}`: missing (no output folder; not run yet)" for r in found["missing"]]
+    problems += [f"- `{r}`: {why}" for r, why in found["failed"].items()]
+    if problems:
+        lines += ["", "Entries not in the table:", "", *problems]
+    notes = params["paper"].get("task_notes", {})
+    used = sorted(set(measured["task"]))
+    task_notes = [f"- `{t}`: {notes[t]}" for t in used if t in notes]
+    task_notes += [f"- `{t}`: {notes[t.removesuffix('_standin')]}" for t in used
+                   if t not in notes and t.removesuffix("_standin") in notes]
+    if task_notes:
+        lines += ["", "Where a task differs from what the paper ran:", "", *task_notes]
+    if found["ignored"]:
+        lines += ["", f"Tasks with no paper column (params paper.benchmarks), left out: {sorted(found['ignored'])}."]
+    (folder / "table.md").write_text("\n".join(lines) + "\n")
+
+    avg = cells[cells["benchmark"] == paper.AVG]
+    metrics = {}
+    for r in avg.itertuples():
+        if r.method == UNPRUNED:
+            continue
+        metrics |= {f"{model}/avg/{r.method}-{r.keep}": r.measured, f"{model}/avg_paper/{r.method}-{r.keep}": r.paper,
+                    f"{model}/avg_difference/{r.method}-{r.keep}": r.difference}
+
+    # paired statistics on the per-question tables
+    have = [n for n in found["present"] if n in main and (runs / model / n / "samples.csv").exists()]
+    samples = stats.read_samples(runs / model, have)
+    samples = samples.assign(task=samples["task"].map(lambda t: paper.benchmark_of(t, params)))
+    options = {k: params["results"][k] for k in ("confidence", "resamples", "seed")}
+    paired = paired_statistics(samples, methods, budgets, reference if reference in methods else None,
+                               pair if pair and all(m in methods for m in pair) else None, options)
+    n_text = paired["note"]
+    if "bootstrap" in paired:
+        covered = {b: samples.loc[samples["task"] == b, "metric"].iloc[0] for b in paired["benchmarks"]}
+        paired["bootstrap"].to_csv(folder / "bootstrap.csv", index=False)
+        paired["comparisons"].to_csv(folder / "comparisons.csv", index=False)
+        (folder / "comparisons.md").write_text(
+            f"### {model}: paired differences\n\nMethod minus `unpruned` or `{reference}` at the same budget, percentage "
+            f"points; * = the interval excludes 0. {n_text}\n\n"
+            + stats.markdown_frame(readable_comparisons(paired["comparisons"], covered)))
+        if "mcnemar" in paired:
+            data, shown_m = paired["mcnemar"]
+            data.to_csv(folder / "mcnemar.csv", index=False)
+            (folder / "mcnemar.md").write_text(
+                f"### {model}: `{pair[0]}` against `{pair[1]}`\n\nMcNemar's exact test on the questions exactly one of "
+                f"them answers right. {n_text}\n\n" + stats.markdown_frame(shown_m))
+            metrics |= {f"{model}/significant/{pair[0]}_vs_{pair[1]}/{r.task}-{r.tokens}": bool(r.significant)
+                        for r in data.itertuples()}
+        if reference in methods and (paired["comparisons"]["versus"] == reference).any():
+            figures.save(figures.differences(paired["comparisons"], reference, note, questions=model),
+                         folder / "figures" / "differences.png")
+    else:
+        (folder / "comparisons.md").write_text(f"### {model}: paired differences\n\n{n_text}.\n")
+
+    # seeds: every benchmark's score over the main run's seed and paper.seeds (scores, so all benchmarks)
+    seeded = scores[scores["method"].isin([m for m in methods if method_class(m).stochastic()])]
+    if len(seeded) and seeds:
+        base = measured[measured["method"] == UNPRUNED].set_index("benchmark")["value"].to_dict()
+        frame = seeded.assign(task=seeded["benchmark"], score=seeded["value"])[["method", "keep", "seed", "task", "score"]]
+        spread = stats.score_spread(frame)
+        spread = spread[spread["task"] != "Mean"]
+        if base and avg_over:
+            over = stats.score_spread(frame[frame["task"].isin(avg_over)], {b: base.get(b) for b in avg_over})
+            spread = pd.concat([spread, over[over["task"] == "Avg"].assign(mean=lambda d: 100 * d["mean"], sd=lambda d: 100 * d["sd"],
+                                                                            min=lambda d: 100 * d["min"], max=lambda d: 100 * d["max"])])
+        spread.to_csv(folder / "seeds.csv", index=False)
+        shown_s = pd.DataFrame({"tokens": spread["keep"].map(paper.keep_label), "method": spread["method"],
+                                "benchmark": spread["task"].replace({"Avg": "Avg (% of unpruned)"}), "seeds": spread["seeds"],
+                                "mean +- sd": [f"{m:.2f} +- {sd:.2f}" for m, sd in zip(spread["mean"], spread["sd"])],
+                                "min - max": [f"{lo:.2f} - {hi:.2f}" for lo, hi in zip(spread["min"], spread["max"])]})
+        (folder / "seeds.md").write_text(
+            f"### {model}: spread over seeds\n\nThe stochastic methods at the main run's seed and params paper.seeds "
+            f"{list(seeds)}, in the paper's units.\n\n"
+            + (stats.markdown_frame(shown_s) if len(shown_s) else "No method has more than one seed here.\n"))
+
+    figures.save(figures.paper_avg({title: avg}, note), folder / "figures" / "avg_vs_budget.png")
+    summary |= {"metrics": metrics, "avg": avg, "title": title}
+    return summary
+
+
+def summary_lines(summaries: list[dict], what: str) -> list[str]:
+    """The summary page's lines: which model fills which table, which ran, which were skipped and why."""
+    lines = [f"| model | the paper's table | status | entries present | not in the table |", "|---|---|---|---|---|"]
+    for m in summaries:
+        absent = len(m["missing"]) + len(m["failed"]) + len(m["skipped"])
+        table = m["table"].replace("table", "Table ") if m["table"] else "none"
+        status = m["status"] + (f": {m['reason']}" if m.get("reason") else "")
+        lines.append(f"| {m['model']} | {table} | {status} | {len(m['present'])} | {absent} |")
+    skipped = [m for m in summaries if m["status"] != "ran"]
+    out = [f"## {what}", "", *lines, ""]
+    if skipped:
+        out += ["Skipped models: " + "; ".join(f"**{m['model']}** ({m['status']}: {m['reason']})" for m in skipped) + ".", ""]
+    return out
+
+
+def paper_main(argv) -> None:
+    """Tables 1-4 (``--params`` of the paper profile): one table per model of ``paper.models``."""
+    from analysis import paper
+
+    from . import _paper
+    from .plan import methods_of
+
+    args = paper_parser("results").parse_args(argv)
+    with stage("results", args, ["paper", "results"], ["out"]) as s:
+        res = s.params["results"]
+        numbers = paper.paper_numbers()
+        runs = Path(args.runs)
+        records = checkpoint_records(s.params, runs.parent / "checkpoints")
+        note = _paper.weights_note(records.values())
+        out = s.out["out"]
+        out.mkdir(parents=True)
+        summaries = []
+        for model in s.params["paper"]["models"]:
+            methods = methods_of(s.params, model, ablation=False)
+            summaries.append(model_tables(s, model, runs, out, methods, paper.table_of(model, numbers), numbers, note,
+                                          seeds=s.params["paper"]["seeds"], reference=res["reference"], pair=res["mcnemar"]))
+        ran = [m for m in summaries if m["status"] == "ran"]
+        if ran:
+            figures.save(figures.paper_avg({m["title"]: m["avg"] for m in ran}, note), out / "figures" / "avg_vs_budget.png")
+        lines = ([f"**{note}**", ""] if note else []) + summary_lines(summaries, "Tables 1-4: one per model")
+        (out / "summary.md").write_text("\n".join(lines))
+        metrics = {k: v for m in ran for k, v in m["metrics"].items()}
+        metrics |= {f"status/{m['model']}": m["status"] for m in summaries}
+        metrics |= {f"reason/{m['model']}": m["reason"] for m in summaries if m.get("reason")}
+        metrics |= {f"missing/{m['model']}": [*m["missing"], *m["failed"], *m["skipped"]] for m in ran
+                    if m["missing"] or m["failed"] or m["skipped"]}
+        metrics["rehearsal"] = bool(note)
+        write_json(out / "metrics.json", metrics)
+        s.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+              images={p.stem: p for p in sorted(out.glob("**/figures/*.png"))})
 
 
 if __name__ == "__main__":
