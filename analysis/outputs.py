@@ -71,3 +71,24 @@ def checkpoint_records(outputs) -> dict[str, dict]:
     """``{model: record}`` of ``<outputs>/checkpoints/<model>/checkpoint.json`` (the checkpoints stage's)."""
     folder = Path(outputs) / "checkpoints"
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("*/checkpoint.json"))}
+
+
+def show(found: Listing, level: int = 3) -> None:
+    """A notebook's view of a stage folder: its markdown tables, CSV tables without one, figures, then each
+    subfolder (model) under a heading; a folder not run or skipped says so."""
+    import pandas as pd
+    from IPython.display import Image, Markdown, display
+
+    if found.status != "ran":
+        display(Markdown(f"*`{found.path}`: {found.status}*" + (f": {found.reason}" if found.reason else "")))
+        return
+    for path in found.markdown:
+        display(Markdown(path.read_text()))
+    for path in found.csv_alone():
+        display(Markdown(f"`{path.name}`:"))
+        display(pd.read_csv(path))
+    for path in found.figures:
+        display(Image(filename=str(path)))
+    for name, part in found.parts.items():
+        display(Markdown(f"{'#' * level} {name}"))
+        show(part, level + 1)

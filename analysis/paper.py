@@ -263,6 +263,22 @@ def readable(cells: pd.DataFrame, metrics: dict[str, str] | None = None, unprune
 
 
 LEGEND = ("Each cell: measured (the paper's number; measured - paper). † = a number the paper copies from "
-          "SparseVLM's own paper (it did not run SparseVLM). — = not measured / not printed. Accuracy and F1 in %, "
+          "SparseVLM's own paper (it did not run SparseVLM). — = not measured / not printed (an Avg also where the "
+          "unpruned model scores 0 on a benchmark: no ratio). Accuracy and F1 in %, "
           "MME in points (perception + cognition); Avg = mean over the paper's benchmarks of this table of score / "
           "unpruned score (method.md section 6), in %.")
+
+
+WHERE = {"fig2": "Fig. 2", "fig5": "Fig. 5", "appD": "App. D"}
+
+
+def published(tables, numbers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The paper's numbers of ``tables`` (e.g. ``("fig5", "appD")``) for a reader: where, model, method, tokens,
+    benchmark, metric, value (as printed), source."""
+    numbers = paper_numbers() if numbers is None else numbers
+    rows = numbers[numbers["table"].isin(list(tables))]
+    return pd.DataFrame({"where": rows["table"].map(lambda t: WHERE.get(t, t.replace("table", "Table "))),
+                         "model": rows["model"], "method": rows["method"],
+                         "tokens": [keep_label(k) if k is not None else "" for k in rows["keep"]],
+                         "benchmark": rows["benchmark"], "metric": rows["metric"],
+                         "value": rows["value"].map(lambda v: f"{v:g}"), "source": rows["source"]}).reset_index(drop=True)

@@ -1,6 +1,10 @@
 """Stage ``ablation``: Table 5 (sensitivity only, diversity only = DivPrune, sum, multiply = ZOO-Prune)
 at every budget, from the evaluate runs, with paired-bootstrap intervals (``results`` params) and the
-bars of Avg from 0 with their intervals."""
+bars of Avg from 0 with their intervals.
+
+Profile ``paper`` (paper/dvc.yaml): Table 5, ``ablation.variants`` on ``paper.ablation.model`` at its budgets
+in the form of ``results``' paper tables (the paper's Table 5 numbers beside every cell, the difference,
+paired statistics), everything inside ``--out`` (``<model>/``, ``summary.md``, ``metrics.json``)."""
 
 from __future__ import annotations
 

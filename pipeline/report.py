@@ -5,6 +5,15 @@ The page says which commit and when it was made; every table says what its numbe
 meaning) and on how many questions or images it rests. Tables the stages write as markdown
 (``*.md``: intervals already formatted) are copied as they are; the others are rendered from their
 CSV with named, unit-bearing headers (no index column, empty cells where a value does not apply).
+
+Profile ``paper`` (paper/dvc.yaml: ``--params <dir>/params.yaml --outputs <dir>/outputs --out <dir>/report``):
+``README.md`` (provenance, every model's checkpoint: the paper's, a random-weight stand-in, or absent and
+skipped; every page's status) and one page per part of the paper (Tables 1-4, Table 5, sensitivity per
+model with Fig. 6, Fig. 2, Fig. 4, Fig. 5 / App. D), the paper's published numbers on each. A page's tables
+(``*.md``; ``*.csv`` without one) and figures (``figures/*.png``) are found in its stage folders by kind
+(``analysis.outputs``); a folder absent says "not run", a skip record says why. When any checkpoint record
+(``<outputs>/checkpoints/<model>/checkpoint.json``) is a random-weight stand-in, every page starts with the
+RANDOM-WEIGHT REHEARSAL note and every figure copied into the report carries it on a band above it.
 """
 
 from __future__ import annotations
@@ -205,20 +214,6 @@ PAGES = {
 }
 
 
-def published(tables: tuple[str, ...]) -> str:
-    """The paper's numbers of ``tables`` (analysis/paper_numbers.csv) as a markdown table."""
-    from analysis.paper import keep_label, paper_numbers
-
-    numbers = paper_numbers()
-    rows = numbers[numbers["table"].isin(tables)]
-    shown = pd.DataFrame({"where": rows["table"].map(lambda t: {"fig2": "Fig. 2", "fig5": "Fig. 5", "appD": "App. D"}.get(t, t)),
-                          "model": rows["model"], "method": rows["method"],
-                          "tokens": [keep_label(k) if k is not None else "" for k in rows["keep"]],
-                          "benchmark": rows["benchmark"], "metric": rows["metric"], "value": rows["value"].map(lambda v: f"{v:g}"),
-                          "source": rows["source"]})
-    return stats.markdown_frame(shown)
-
-
 class PaperReport:
     """Writes the pages into ``out``: figures copied (stamped with ``note`` when it is set), CSVs copied."""
 
@@ -273,7 +268,9 @@ class PaperReport:
 
         lines = self.banner() + [f"# {title}", "", "[Back to the report](README.md)", ""]
         if isinstance(paper, tuple):
-            lines += ["## The paper's published numbers", "", published(paper), ""]
+            from analysis.paper import published
+
+            lines += ["## The paper's published numbers", "", stats.markdown_frame(published(paper)), ""]
         elif paper == "beside":
             lines += ["The paper's published number stands beside every measured cell (analysis/paper_numbers.csv).", ""]
         else:

@@ -10,6 +10,18 @@ questions one gets right and the other wrong; F1 tasks by the interval of the pa
 ``seeds.{csv,md}`` (``evaluate.seeded_methods`` over their main seed and ``evaluate.seeds``: mean, sd,
 min, max), ``bootstrap.csv`` (every interval, long form). Figures: Avg against kept tokens with
 error bars; every method's Avg difference to the reference with its interval.
+
+Profile ``paper`` (paper/dvc.yaml: ``--params <dir>/params.yaml --runs <dir>/outputs/evaluate --out
+<dir>/outputs/results``): Tables 1-4, one per model of ``paper.models`` (the paper's table that reports it:
+``analysis/paper_numbers.csv``), rows = the model's methods at its budgets and the unpruned model, columns =
+the paper's benchmarks (``paper.benchmarks``), each score in the paper's unit beside the paper's published
+number and the difference (measured - paper; SparseVLM's cells marked as the paper's copies), Avg = mean
+over the table's benchmarks of score / unpruned score. The paired statistics above on the benchmarks whose
+runs hold a 0/1 outcome per question, the seeds of ``paper.seeds`` on every benchmark's score. A model whose
+entries are skipped (absent checkpoint) is named with the reason; missing or failed entries are named under
+its table. Everything inside ``--out``: ``<model>/`` (``table.md``, ``table.csv`` wide, ``cells.csv`` long,
+``comparisons``, ``mcnemar``, ``bootstrap``, ``seeds``, ``figures/``), ``figures/avg_vs_budget.png``,
+``summary.md`` (which model fills which table, what was skipped), ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -515,10 +527,11 @@ def summary_lines(summaries: list[dict], what: str) -> list[str]:
         table = m["table"].replace("table", "Table ") if m["table"] else "none"
         status = m["status"] + (f": {m['reason']}" if m.get("reason") else "")
         lines.append(f"| {m['model']} | {table} | {status} | {len(m['present'])} | {absent} |")
-    skipped = [m for m in summaries if m["status"] != "ran"]
     out = [f"## {what}", "", *lines, ""]
-    if skipped:
-        out += ["Skipped models: " + "; ".join(f"**{m['model']}** ({m['status']}: {m['reason']})" for m in skipped) + ".", ""]
+    for status, label in (("skipped", "Skipped models"), ("not run", "Models not run yet")):
+        named = [m for m in summaries if m["status"] == status]
+        if named:
+            out += [f"{label}: " + "; ".join(f"**{m['model']}** ({m['reason']})" for m in named) + ".", ""]
     return out
 
 

@@ -4,6 +4,7 @@ stand-ins, one skipped model, one missing entry."""
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -117,3 +118,19 @@ def make_paper_outputs(root: Path, standins: bool = True) -> Path:
         (root / "outputs" / "checkpoints" / model).mkdir(parents=True, exist_ok=True)
         (root / "outputs" / "checkpoints" / model / "checkpoint.json").write_text(json.dumps(record))
     return params
+
+
+def fake_stage_outputs(outputs: Path, proxy: bool = False) -> None:
+    """What the other stages write, by kind (run the results stage first: its figure is reused): sensitivity of
+    llava-1.5-7b (a CSV, a figure), llava-1.5-13b skipped; proxy (a CSV, a figure) when ``proxy``; no sweeps."""
+    figure = outputs / "results" / "figures" / "avg_vs_budget.png"
+    sensitivity = outputs / "sensitivity" / "llava-1.5-7b"
+    (sensitivity / "figures").mkdir(parents=True)
+    (sensitivity / "agreement.csv").write_text("estimator,naive,fused\nnaive,1.0,0.5\nfused,0.5,1.0\n")
+    shutil.copy(figure, sensitivity / "figures" / "overlays.png")
+    (outputs / "sensitivity" / "llava-1.5-13b").mkdir()
+    (outputs / "sensitivity" / "llava-1.5-13b" / "skipped.json").write_text(json.dumps({"reason": SKIP_REASON}))
+    if proxy:
+        (outputs / "proxy" / "figures").mkdir(parents=True)
+        (outputs / "proxy" / "summary.csv").write_text("task,mean rho,images\nmmmu,0.5,2\npope,0.4,2\n")
+        shutil.copy(figure, outputs / "proxy" / "figures" / "proxy_kde.png")

@@ -47,3 +47,49 @@ def test_notebook_runs_headless(outputs, tmp_path, name, monkeypatch):
         assert "Encoder-side form: **backward**" in text
     if name == "results":
         assert "| 48 | zoo |" in text and "sweep_h/sweep.csv not produced yet" in text
+
+
+# ---------------------------------------------------------------- the paper profile (PROFILE = "paper")
+
+PAPER_NOTEBOOKS = {"results": 9, "sensitivity": 1, "proxy_analysis": 1}  # figures each must show on this fixture
+
+
+@pytest.fixture(scope="module")
+def paper_outputs(tmp_path_factory):
+    """A rehearsal-like paper-profile run: evaluate entries by hand (paper_helpers), the results and ablation
+    stages on them, sensitivity and proxy outputs by kind, no sweeps or efficiency."""
+    from paper_helpers import fake_stage_outputs, make_paper_outputs
+
+    root = tmp_path_factory.mktemp("paper_notebooks")
+    params = make_paper_outputs(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WANDB_MODE", "disabled")
+        for module, name in ((results, "results"), (ablation, "ablation")):
+            module.main(["--params", str(params), "--runs", str(root / "outputs" / "evaluate"),
+                         "--out", str(root / "outputs" / name)])
+    fake_stage_outputs(root / "outputs", proxy=True)
+    return root / "outputs"
+
+
+@pytest.mark.parametrize("name", PAPER_NOTEBOOKS)
+def test_notebook_opens_a_paper_profile_run(paper_outputs, tmp_path, name, monkeypatch):
+    import papermill
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    done = papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
+                                      parameters={"PROFILE": "paper", "OUTPUTS": str(paper_outputs)},
+                                      kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
+    shown = [o for c in done.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in shown if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in shown) == PAPER_NOTEBOOKS[name]
+    text = json.dumps([o.get("data", {}).get("text/markdown", "") + o.get("data", {}).get("text/plain", "")
+                       for o in shown])
+    assert "RANDOM-WEIGHT REHEARSAL" in text
+    if name == "results":
+        assert "the paper's Table 1" in text and "the paper's Table 5" in text and "(58.47; -8.47)" in text
+        assert "sweep_h`: not run" in text and "Fig. 5" in text  # the paper's Fig. 5 numbers, efficiency not run
+    if name == "sensitivity":
+        assert "llava-1.5-13b" in text and "skipped" in text
+    if name == "proxy_analysis":
+        assert "mean_spearman_rho" in text
