@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.stats import keep_label
+
 PAPER_NUMBERS = Path(__file__).resolve().with_name("paper_numbers.csv")
 COLUMNS = ("table", "model", "method", "keep", "benchmark", "metric", "value", "source", "note")
 KEY = ("table", "model", "method", "keep", "benchmark", "metric")
@@ -222,13 +224,6 @@ def wide(cells: pd.DataFrame) -> pd.DataFrame:
 
 def _number(value, digits: int = 2) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-
-def keep_label(keep) -> str:
-    """A budget as the paper prints it: tokens (``192``) or a ratio in percent (``20%``)."""
-    if keep is None or (isinstance(keep, float) and math.isnan(keep)):
-        return "all"
-    return f"{100 * keep:g}%" if isinstance(keep, float) and keep <= 1 else f"{float(keep):.0f}"
 
 
 def readable(cells: pd.DataFrame, metrics: dict[str, str] | None = None, unpruned_tokens=None) -> pd.DataFrame:

@@ -425,6 +425,13 @@ def score_spread(scores: pd.DataFrame, base: dict[str, float] | None = None) -> 
 
 # ---------------------------------------------------------------- formatting for readers
 
+def keep_label(keep) -> str:
+    """A budget as the paper prints it: tokens (``192``) or a ratio in percent (``20%``)."""
+    if keep is None or (isinstance(keep, float) and math.isnan(keep)):
+        return "all"
+    return f"{100 * keep:g}%" if isinstance(keep, float) and keep <= 1 else f"{float(keep):.0f}"
+
+
 def metric_label(metric: str) -> str:
     """Column unit of a task's score: ``accuracy %`` or ``F1 %``."""
     return {"f1": "F1 %", "accuracy": "accuracy %"}.get(metric, f"{metric} %")

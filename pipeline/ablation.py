@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from analysis import figures, stats
 
-from ._common import StageError, parser, stage, weights_note, write_json
+from ._common import StageError, parser, profile_of, stage, weights_note, write_json
 from .results import (bootstrap_runs, checkpoint_records, expected_runs, interval_table, model_tables, paper_parser,
-                      profile_of, readable_table, summary_lines, tokens_per_image)
+                      readable_table, summary_lines, tokens_per_image)
 
 # method -> (sensitivity, diversity, fusion), the columns of the paper's Table 5
 VARIANTS = {"sensitivity_only": ("yes", "no", "none"), "divprune": ("no", "yes", "none"),

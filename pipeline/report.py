@@ -28,7 +28,7 @@ import pandas as pd
 
 from analysis import stats
 
-from ._common import parser, stage, weights_note, write_json
+from ._common import parser, profile_of, stage, weights_note, write_json
 
 
 def _fixed(digits: int):
@@ -141,8 +141,6 @@ def sections(params: dict, metrics: dict) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from .results import profile_of
-
     if profile_of(argv) == "paper":
         return paper_main(argv)
     p = parser(__doc__, inputs=("model",))

@@ -33,7 +33,7 @@ import pandas as pd
 
 from analysis import figures, stats
 
-from ._common import StageError, parser, stage, weights_note, write_json
+from ._common import StageError, parser, profile_of, stage, weights_note, write_json
 
 UNPRUNED = stats.UNPRUNED
 
@@ -269,21 +269,6 @@ def paper_parser(name: str):
     return p
 
 
-def profile_of(argv) -> str:
-    """The profile of the params file the command line names (read before the stage decides its sections)."""
-    import argparse
-
-    from ._common import load_params
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--params", default="params.yaml")
-    known, _ = p.parse_known_args(argv)
-    try:
-        return load_params(known.params, ["profile"])["profile"]
-    except Exception:  # noqa: BLE001 - the stage itself names the problem
-        return "testbed"
-
-
 def checkpoint_records(params: dict, folder: Path) -> dict[str, dict]:
     """Each model's checkpoint record: ``<folder>/<model>/checkpoint.json`` (the checkpoints stage's), else
     resolved now (``_paper.availability``)."""
@@ -378,12 +363,13 @@ def paired_statistics(samples: pd.DataFrame, methods: list[str], budgets: list, 
             alpha = round(1 - options["confidence"], 10)
             result["mcnemar"] = mcnemar_tables(samples[samples["task"].isin(covered)], pair, both, options, alpha)
     sizes = samples[samples["run"] == UNPRUNED].groupby("task")["doc_id"].nunique()
-    result["note"] = (f"Paired statistics on the benchmarks with per-question correctness (samples.csv): "
-                      f"{', '.join(f'{t} ({sizes.get(t, 0)} questions)' for t in sorted(covered))}; the others' per-sample "
-                      "scores are no 0/1 outcome (MME, POPE, MMBench, MMMU, SEED-Bench are scored over the whole task, "
-                      "VQA accuracy per question is fractional) and enter no paired statistic. Avg / Mean here: over these "
-                      f"benchmarks only. [{options['confidence']:.0%} paired-bootstrap intervals, {options['resamples']} "
-                      "resamples of the questions]")
+    metrics = samples.drop_duplicates("task").set_index("task")["metric"]
+    result["note"] = (f"Paired statistics on the benchmarks whose runs record each question's 0/1 outcome (samples.csv): "
+                      f"{', '.join(f'{t} ({sizes.get(t, 0)} questions)' for t in sorted(covered))}. A benchmark's score "
+                      "here is recomputed from those outcomes (F1 of 'yes' where samples.csv says f1, else the fraction "
+                      f"right: {', '.join(f'{t} {metrics[t]}' for t in sorted(covered))}), which is the table's number only "
+                      "where the task's metric is that accuracy; Avg / Mean: over these benchmarks. "
+                      f"[{options['confidence']:.0%} paired-bootstrap intervals, {options['resamples']} resamples of the questions]")
     return result
 
 
@@ -471,6 +457,9 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
     paired = paired_statistics(samples, methods, budgets, reference if reference in methods else None,
                                pair if pair and all(m in methods for m in pair) else None, options)
     n_text = paired["note"]
+    if "benchmarks" in paired:
+        left = sorted(set(measured["benchmark"]) - set(paired["benchmarks"]))
+        n_text += f" Not covered (their runs record no 0/1 outcome per question): {', '.join(left)}." if left else ""
     if "bootstrap" in paired:
         covered = {b: samples.loc[samples["task"] == b, "metric"].iloc[0] for b in paired["benchmarks"]}
         paired["bootstrap"].to_csv(folder / "bootstrap.csv", index=False)
@@ -505,7 +494,7 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
             spread = pd.concat([spread, over[over["task"] == "Avg"].assign(mean=lambda d: 100 * d["mean"], sd=lambda d: 100 * d["sd"],
                                                                             min=lambda d: 100 * d["min"], max=lambda d: 100 * d["max"])])
         spread.to_csv(folder / "seeds.csv", index=False)
-        shown_s = pd.DataFrame({"tokens": spread["keep"].map(paper.keep_label), "method": spread["method"],
+        shown_s = pd.DataFrame({"tokens": spread["keep"].map(stats.keep_label), "method": spread["method"],
                                 "benchmark": spread["task"].replace({"Avg": "Avg (% of unpruned)"}), "seeds": spread["seeds"],
                                 "mean +- sd": [f"{m:.2f} +- {sd:.2f}" for m, sd in zip(spread["mean"], spread["sd"])],
                                 "min - max": [f"{lo:.2f} - {hi:.2f}" for lo, hi in zip(spread["min"], spread["max"])]})
