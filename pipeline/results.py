@@ -403,7 +403,10 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
     (folder / "figures").mkdir(parents=True)
     scores = found["scores"]
     measured = scores[~scores["extra_seed"]]
-    cells = paper.compare(measured[["method", "keep", "benchmark", "value"]], table, numbers)
+    printed = [b for b in dict.fromkeys(numbers.loc[numbers["table"] == table, "benchmark"]) if b != paper.AVG] if table else []
+    measured_benchmarks = set(measured["benchmark"])
+    avg_over = [b for b in printed if b in measured_benchmarks] if printed else sorted(measured_benchmarks)
+    cells = paper.compare(measured[["method", "keep", "benchmark", "value"]], table, numbers, avg_over=avg_over)
     cells.to_csv(folder / "cells.csv", index=False)
     table_frame = paper.wide(cells)
     shown = paper.readable(cells, metrics_of, paper.unpruned_keep(table, numbers))
@@ -415,9 +418,6 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
             shown.insert(2 + i, column, [flags.get(m, ("", "", ""))[i] for m in shown["method"]])
     table_frame.to_csv(folder / "table.csv")
     title = f"{model}: the paper's {table.replace('table', 'Table ')}" if table else f"{model}: no table of the paper reports it"
-    printed = [b for b in dict.fromkeys(numbers.loc[numbers["table"] == table, "benchmark"]) if b != paper.AVG] if table else []
-    measured_benchmarks = set(measured["benchmark"])
-    avg_over = [b for b in printed if b in measured_benchmarks] if printed else sorted(measured_benchmarks)
     over = f" Avg measured over {', '.join(avg_over)}" + (f"; the paper's over {', '.join(printed)}." if printed else ".")
     lines = [f"### {title}", "", paper.LEGEND + over, ""]
     sizes = json.loads((runs / model / UNPRUNED / "run.json").read_text()).get("questions", {}) \
@@ -452,7 +452,8 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
     # paired statistics on the per-question tables
     have = [n for n in found["present"] if n in main and (runs / model / n / "samples.csv").exists()]
     samples = stats.read_samples(runs / model, have)
-    samples = samples.assign(task=samples["task"].map(lambda t: paper.benchmark_of(t, params)))
+    columns = {t: paper.benchmark_of(t, params) for t in set(samples["task"]) if t not in found["ignored"]}
+    samples = samples[samples["task"].isin(columns)].assign(task=lambda d: d["task"].map(columns))
     options = {k: params["results"][k] for k in ("confidence", "resamples", "seed")}
     paired = paired_statistics(samples, methods, budgets, reference if reference in methods else None,
                                pair if pair and all(m in methods for m in pair) else None, options)
@@ -511,7 +512,7 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
 def summary_lines(summaries: list[dict], what: str) -> list[str]:
     """The summary page's lines: which model fills which table, which ran, which were skipped and why."""
     lines = [f"| model | the paper's table | status | entries present | not in the table |", "|---|---|---|---|---|"]
-    for m in summaries:
+    for m in sorted(summaries, key=lambda m: (m["table"] is None, m["table"] or "")):
         absent = len(m["missing"]) + len(m["failed"]) + len(m["skipped"])
         table = m["table"].replace("table", "Table ") if m["table"] else "none"
         status = m["status"] + (f": {m['reason']}" if m.get("reason") else "")

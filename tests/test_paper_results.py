@@ -185,3 +185,24 @@ def test_report_without_standins_copies_figures_as_they_are(workspace, tmp_path,
     assert not any(BANNER in p.read_text().splitlines()[0] for p in (tmp_path / "report").glob("*.md"))
     figure = tmp_path / "report" / "figures" / "results_avg_vs_budget.png"
     assert figure.read_bytes() == (outputs / "results" / "figures" / "avg_vs_budget.png").read_bytes()
+
+
+def test_units_and_a_model_no_table_reports():
+    from analysis import paper, stats
+
+    lmms = {"results": {"mme": {"mme_perception_score,none": 1500.0, "mme_cognition_score,none": 300.0},
+                        "mmbench_en_dev_static": {"gpt_eval_score,none": 64.7, "gpt_eval_score_stderr,none": "N/A"},
+                        "gqa": {"exact_match,none": 0.619}}}
+    metrics = stats.task_metrics(lmms)
+    assert metrics == {"mme": "mme_perception_score+mme_cognition_score", "mmbench_en_dev_static": "gpt_eval_score",
+                       "gqa": "exact_match"} and stats.task_scores(lmms)["mme"] == 1800.0
+    assert paper.paper_units(0.619, metrics["gqa"], "acc") == pytest.approx(61.9)
+    assert paper.paper_units(64.7, metrics["mmbench_en_dev_static"], "acc") == 64.7  # MMBench's score is in % already
+    assert paper.paper_units(1800.0, metrics["mme"], "perception+cognition") == 1800.0
+    assert [stats.keep_label(k) for k in (64, 0.2, 1.0, None)] == ["64", "20%", "100%", "all"]
+    measured = pd.DataFrame({"method": ["unpruned", "unpruned", "zoo", "zoo"], "keep": [None, None, 8, 8],
+                             "benchmark": ["gqa", "mme", "gqa", "mme"], "value": [50.0, 1000.0, 25.0, 1000.0]})
+    cells = paper.compare(measured, None)  # no table of the paper: Avg over every measured benchmark, no paper cells
+    avg = cells[(cells["method"] == "zoo") & (cells["benchmark"] == "avg")].iloc[0]
+    assert avg["measured"] == pytest.approx(100 * (25 / 50 + 1000 / 1000) / 2) and np.isnan(avg["paper"])
+    assert cells["source"].eq("").all()
