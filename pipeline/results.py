@@ -335,7 +335,7 @@ def paired_statistics(samples: pd.DataFrame, methods: list[str], budgets: list, 
     present = set(samples["run"])
     if UNPRUNED not in present:
         return {"note": "no paired statistics: the unpruned run has no per-question table (samples.csv)"}
-    parts, covered = [], set()
+    parts, covered, unpaired = [], set(), set()
     for i, keep in enumerate(budgets):
         names = [stats.run_name(m, keep) for m in methods if stats.run_name(m, keep) in present]
         if not names:
@@ -344,6 +344,11 @@ def paired_statistics(samples: pd.DataFrame, methods: list[str], budgets: list, 
         references = [UNPRUNED] + ([ref] if ref in names else [])
         chosen = samples[samples["run"].isin([UNPRUNED, *names])]
         tasks = set.intersection(*(set(g["task"]) for _, g in chosen.groupby("run")))
+        for task in sorted(tasks):  # paired: the same questions in every run (a 0/1 outcome may be absent in one)
+            questions = {frozenset(g["doc_id"]) for _, g in chosen[chosen["task"] == task].groupby("run")}
+            if len(questions) > 1:
+                tasks.discard(task)
+                unpaired.add(task)
         chosen = chosen[chosen["task"].isin(tasks)]
         if chosen.empty:
             continue
@@ -363,13 +368,15 @@ def paired_statistics(samples: pd.DataFrame, methods: list[str], budgets: list, 
             alpha = round(1 - options["confidence"], 10)
             result["mcnemar"] = mcnemar_tables(samples[samples["task"].isin(covered)], pair, both, options, alpha)
     sizes = samples[samples["run"] == UNPRUNED].groupby("task")["doc_id"].nunique()
-    metrics = samples.drop_duplicates("task").set_index("task")["metric"]
     result["note"] = (f"Paired statistics on the benchmarks whose runs record each question's 0/1 outcome (samples.csv): "
                       f"{', '.join(f'{t} ({sizes.get(t, 0)} questions)' for t in sorted(covered))}. A benchmark's score "
-                      "here is recomputed from those outcomes (F1 of 'yes' where samples.csv says f1, else the fraction "
-                      f"right: {', '.join(f'{t} {metrics[t]}' for t in sorted(covered))}), which is the table's number only "
-                      "where the task's metric is that accuracy; Avg / Mean: over these benchmarks. "
+                      "here is recomputed from those outcomes: the fraction answered right (F1 of 'yes' where samples.csv "
+                      "says f1), the table's number where the task's metric is that accuracy, not where it scores "
+                      "otherwise (POPE's F1, MME's perception + cognition); Avg / Mean: over these benchmarks. "
                       f"[{options['confidence']:.0%} paired-bootstrap intervals, {options['resamples']} resamples of the questions]")
+    if unpaired - covered:
+        result["note"] += (f" Left out where the runs' 0/1 outcomes are on different questions (no pairing): "
+                           f"{', '.join(sorted(unpaired - covered))}.")
     return result
 
 
@@ -454,6 +461,8 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
     samples = stats.read_samples(runs / model, have)
     columns = {t: paper.benchmark_of(t, params) for t in set(samples["task"]) if t not in found["ignored"]}
     samples = samples[samples["task"].isin(columns)].assign(task=lambda d: d["task"].map(columns))
+    # one per-question measure per benchmark (MME's rows name perception or cognition): F1 of 'yes' or the fraction right
+    samples["metric"] = samples["metric"].where(samples["metric"] == "f1", "accuracy")
     options = {k: params["results"][k] for k in ("confidence", "resamples", "seed")}
     paired = paired_statistics(samples, methods, budgets, reference if reference in methods else None,
                                pair if pair and all(m in methods for m in pair) else None, options)

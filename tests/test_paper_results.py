@@ -206,3 +206,19 @@ def test_units_and_a_model_no_table_reports():
     avg = cells[(cells["method"] == "zoo") & (cells["benchmark"] == "avg")].iloc[0]
     assert avg["measured"] == pytest.approx(100 * (25 / 50 + 1000 / 1000) / 2) and np.isnan(avg["paper"])
     assert cells["source"].eq("").all()
+
+
+def test_paired_statistics_leave_out_a_benchmark_answered_on_different_questions():
+    rows = []
+    for run, right in (("unpruned", [1, 1, 0, 1]), ("zoo-8", [1, 0, 0, 1])):
+        for i, r in enumerate(right):
+            rows.append({"run": run, "task": "gqa", "doc_id": i, "target": "a", "prediction": "a" if r else "b",
+                         "correct": bool(r), "metric": "accuracy"})
+            if not (run == "zoo-8" and i == 2):  # zoo-8's question 2 of vqav2 has no 0/1 outcome
+                rows.append({"run": run, "task": "vqav2", "doc_id": i, "target": "a", "prediction": "a",
+                             "correct": True, "metric": "accuracy"})
+    samples = pd.DataFrame(rows)
+    paired = results.paired_statistics(samples, ["zoo"], [8], None, None, {"confidence": 0.95, "resamples": 99, "seed": 0})
+    assert paired["benchmarks"] == ["gqa"] and "on different questions (no pairing): vqav2" in paired["note"]
+    own = paired["bootstrap"].query("run == 'zoo-8' and versus == '' and measure == 'gqa'")["value"].item()
+    assert own == pytest.approx(0.5)
