@@ -292,6 +292,9 @@ def paper_avg(panels: dict[str, pd.DataFrame], note: str = "", questions: str = 
         ax.axhline(100, color="k", lw=1, ls=":")
         ax.set(xticks=range(len(budgets)), xticklabels=[keep_label(k) for k in budgets], xlim=(-0.5, len(budgets) - 0.5),
                xlabel="visual tokens kept", ylabel="Avg (% of unpruned)", title=title)
+        if data["measured"].isna().all():
+            ax.text(0.5, 0.5, "measured Avg undefined\n(a benchmark is missing, or the\nunpruned model scores 0 on one)",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=9, color="dimgray")
         values = pd.concat([data["measured"], data["paper"]]).dropna()
         ax.set_ylim(min(0, values.min() - 5) if len(values) else 0, max(105, values.max() + 5) if len(values) else 105)
     handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}

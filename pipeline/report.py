@@ -301,7 +301,8 @@ def paper_main(argv) -> None:
     args = p.parse_args(argv)
     with stage("report", args, ["paper"], ["out"]) as s:
         outputs = Path(args.outputs)
-        records = checkpoint_records(outputs) or _paper.records(s.params)
+        found = checkpoint_records(outputs) or _paper.records(s.params)
+        records = {m: found[m] for m in s.params["paper"]["models"] if m in found} | found  # the params' order
         note = _paper.weights_note(records.values())
         report = PaperReport(outputs, s.out["out"], note)
         commit, date = provenance()
