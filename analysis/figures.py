@@ -274,9 +274,9 @@ def paper_avg(panels: dict[str, pd.DataFrame], note: str = "", questions: str = 
     (dashed, crosses), one colour per method, one panel per table: ``panels`` {title: the ``avg`` cells of
     ``analysis.paper.compare`` (method, keep, measured, paper)}. Budgets are categories, largest first
     (token counts and ratios alike); the unpruned model's 100% dotted."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 4.2), squeeze=False)
     from analysis.stats import UNPRUNED, keep_label
 
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 1.8, 4.2), squeeze=False)
     methods = list(dict.fromkeys(m for cells in panels.values() for m in cells["method"] if m != UNPRUNED))
     palette = dict(zip(methods, sns.color_palette(n_colors=max(len(methods), 1))))
     for ax, (title, cells) in zip(axes[0], panels.items()):

@@ -54,17 +54,6 @@ def load_params(path="params.yaml", sections=None) -> dict:
     return load(path, sections)
 
 
-def profile_of(argv) -> str:
-    """The profile of the params file the command line names (read before the stage decides its sections)."""
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--params", default="params.yaml")
-    known, _ = p.parse_known_args(argv)
-    try:
-        return load_params(known.params, ["profile"])["profile"]
-    except Exception:  # noqa: BLE001 - the stage itself names the problem
-        return "testbed"
-
-
 def sections(params: dict, names: list[str]) -> dict:
     """``{name: params[name]}`` for a stage's sections."""
     return {n: params[n] for n in names}

@@ -63,10 +63,10 @@ def paper_main(argv) -> None:
 
 
 def main(argv=None) -> None:
-    if profile_of(argv) == "paper":
-        return paper_main(argv)
     p = parser(__doc__, "ablation", inputs=("runs", "model"))
     args = p.parse_args(argv)
+    if profile_of(args.params) == "paper":  # paper/dvc.yaml's command: --params, --runs, --out
+        return paper_main(argv)
     with stage("ablation", args, ["ablation", "budgets", "results"], ["out", "metrics", "figures"]) as s:
         variants = s.params["ablation"]["variants"]
         check_variants(variants)

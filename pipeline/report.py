@@ -141,12 +141,12 @@ def sections(params: dict, metrics: dict) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    if profile_of(argv) == "paper":
-        return paper_main(argv)
     p = parser(__doc__, inputs=("model",))
     p.add_argument("--outputs", default="outputs")
     p.add_argument("--out", default="outputs/report")
     args = p.parse_args(argv)
+    if profile_of(args.params) == "paper":  # paper/dvc.yaml's command: --params, --outputs, --out
+        return paper_main(argv)
     with stage("report", args, ["sensitivity", "efficiency"], ["out"]) as s:
         root, out = Path(args.outputs), s.out["out"]
         (out / "figures").mkdir(parents=True)
@@ -252,7 +252,9 @@ class PaperReport:
         for path in found.csv_alone():
             data = pd.read_csv(path)
             if len(data) <= MAX_ROWS:
-                lines += [f"`{path.name}`:", "", render_csv(data), ""]
+                notes = data.pop("note").dropna().unique() if "note" in data else []  # a stand-in's note: said once
+                lines += [f"`{path.name}`" + (f" (*{notes[0]}*)" if len(notes) == 1 and notes[0] != self.note else "")
+                          + ":", "", render_csv(data), ""]
         if links:
             lines += ["CSV: " + ", ".join(links), ""]
         for path in found.figures:

@@ -179,10 +179,10 @@ def readable_seeds(spread: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv=None) -> None:
-    if profile_of(argv) == "paper":
-        return paper_main(argv)
     p = parser(__doc__, "results", inputs=("runs", "model"))
     args = p.parse_args(argv)
+    if profile_of(args.params) == "paper":  # paper/dvc.yaml's command: --params, --runs, --out
+        return paper_main(argv)
     with stage("results", args, ["evaluate", "budgets", "results"], ["out", "metrics", "figures"]) as s:
         cfg, res = s.params["evaluate"], s.params["results"]
         budgets = s.params["budgets"]
@@ -388,9 +388,12 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
                  note: str, seeds: list[int] = (), reference: str | None = None, pair: list[str] | None = None,
                  flags: dict | None = None) -> dict:
     """One model's table in the paper's form with the paper's numbers beside (``table``), its paired statistics
-    and seeds, written under ``out/<model>``; returns the model's summary (status, missing, metrics, avg cells)."""
+    and seeds, written under ``out/<model>`` (``note``: the model's RANDOM-WEIGHT REHEARSAL note, on every table
+    and figure); returns the model's summary (status, missing, metrics, avg cells)."""
     from analysis import paper
     from zoo_prune import method_class
+
+    from . import _paper
 
     params = s.params
     budgets = budget_sort(params["paper"]["models"][model]["budgets"])
@@ -414,7 +417,7 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
     measured_benchmarks = set(measured["benchmark"])
     avg_over = [b for b in printed if b in measured_benchmarks] if printed else sorted(measured_benchmarks)
     cells = paper.compare(measured[["method", "keep", "benchmark", "value"]], table, numbers, avg_over=avg_over)
-    cells.to_csv(folder / "cells.csv", index=False)
+    _paper.noted(cells, note).to_csv(folder / "cells.csv", index=False)
     table_frame = paper.wide(cells)
     shown = paper.readable(cells, metrics_of, paper.unpruned_keep(table, numbers))
     if flags:
@@ -423,10 +426,10 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
             table_frame.insert(i, column, [flags.get(m, ("", "", ""))[i] for _, m in table_frame.index])
         for i, column in enumerate(("Sensitivity", "Diversity", "Fusion")):
             shown.insert(2 + i, column, [flags.get(m, ("", "", ""))[i] for m in shown["method"]])
-    table_frame.to_csv(folder / "table.csv")
+    _paper.noted(table_frame, note).to_csv(folder / "table.csv")
     title = f"{model}: the paper's {table.replace('table', 'Table ')}" if table else f"{model}: no table of the paper reports it"
     over = f" Avg measured over {', '.join(avg_over)}" + (f"; the paper's over {', '.join(printed)}." if printed else ".")
-    lines = [f"### {title}", "", paper.LEGEND + over, ""]
+    lines = ([f"**{note}**", ""] if note else []) + [f"### {title}", "", paper.LEGEND + over, ""]
     sizes = json.loads((runs / model / UNPRUNED / "run.json").read_text()).get("questions", {}) \
         if (runs / model / UNPRUNED / "run.json").exists() else {}
     if sizes:
@@ -472,15 +475,15 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
         n_text += f" Not covered (their runs record no 0/1 outcome per question): {', '.join(left)}." if left else ""
     if "bootstrap" in paired:
         covered = {b: samples.loc[samples["task"] == b, "metric"].iloc[0] for b in paired["benchmarks"]}
-        paired["bootstrap"].to_csv(folder / "bootstrap.csv", index=False)
-        paired["comparisons"].to_csv(folder / "comparisons.csv", index=False)
+        _paper.noted(paired["bootstrap"], note).to_csv(folder / "bootstrap.csv", index=False)
+        _paper.noted(paired["comparisons"], note).to_csv(folder / "comparisons.csv", index=False)
         (folder / "comparisons.md").write_text(
             f"### {model}: paired differences\n\nMethod minus `unpruned` or `{reference}` at the same budget, percentage "
             f"points; * = the interval excludes 0. {n_text}\n\n"
             + stats.markdown_frame(readable_comparisons(paired["comparisons"], covered)))
         if "mcnemar" in paired:
             data, shown_m = paired["mcnemar"]
-            data.to_csv(folder / "mcnemar.csv", index=False)
+            _paper.noted(data, note).to_csv(folder / "mcnemar.csv", index=False)
             (folder / "mcnemar.md").write_text(
                 f"### {model}: `{pair[0]}` against `{pair[1]}`\n\nMcNemar's exact test on the questions exactly one of "
                 f"them answers right. {n_text}\n\n" + stats.markdown_frame(shown_m))
@@ -503,7 +506,7 @@ def model_tables(s, model: str, runs: Path, out: Path, methods: list[str], table
             over = stats.score_spread(frame[frame["task"].isin(avg_over)], {b: base.get(b) for b in avg_over})
             spread = pd.concat([spread, over[over["task"] == "Avg"].assign(mean=lambda d: 100 * d["mean"], sd=lambda d: 100 * d["sd"],
                                                                             min=lambda d: 100 * d["min"], max=lambda d: 100 * d["max"])])
-        spread.to_csv(folder / "seeds.csv", index=False)
+        _paper.noted(spread, note).to_csv(folder / "seeds.csv", index=False)
         shown_s = pd.DataFrame({"tokens": spread["keep"].map(stats.keep_label), "method": spread["method"],
                                 "benchmark": spread["task"].replace({"Avg": "Avg (% of unpruned)"}), "seeds": spread["seeds"],
                                 "mean +- sd": [f"{m:.2f} +- {sd:.2f}" for m, sd in zip(spread["mean"], spread["sd"])],
@@ -553,7 +556,8 @@ def paper_main(argv) -> None:
         summaries = []
         for model in s.params["paper"]["models"]:
             methods = methods_of(s.params, model, ablation=False)
-            summaries.append(model_tables(s, model, runs, out, methods, paper.table_of(model, numbers), numbers, note,
+            own = _paper.weights_note(records[model])  # this model's own stand-in note (figures, tables)
+            summaries.append(model_tables(s, model, runs, out, methods, paper.table_of(model, numbers), numbers, own,
                                           seeds=s.params["paper"]["seeds"], reference=res["reference"], pair=res["mcnemar"]))
         ran = [m for m in summaries if m["status"] == "ran"]
         if ran:
