@@ -252,8 +252,8 @@ class PaperReport:
         for path in found.csv_alone():
             data = pd.read_csv(path)
             if len(data) <= MAX_ROWS:
-                notes = data.pop("note").dropna().unique() if "note" in data else []  # a stand-in's note: said once
-                lines += [f"`{path.name}`" + (f" (*{notes[0]}*)" if len(notes) == 1 and notes[0] != self.note else "")
+                notes = data.pop("note").dropna().unique() if "note" in data else []  # a stand-in's: the page says it
+                lines += [f"`{path.name}`" + (f" (*{notes[0]}*)" if len(notes) == 1 and not self.note else "")
                           + ":", "", render_csv(data), ""]
         if links:
             lines += ["CSV: " + ", ".join(links), ""]
