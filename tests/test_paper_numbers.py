@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from analysis.paper import BENCHMARKS, COLUMNS, KEY, UNPRUNED, benchmark_of, paper_numbers, paper_table
 from zoo_prune import available_methods
+from pipeline.schema import read
 from zoo_prune.evaluation import PAPER_TASKS
 
-PARAMS = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+PARAMS = read(Path(__file__).resolve().parent.parent / "paper" / "params.yaml")  # the paper profile (with its base)
 
 
 @pytest.fixture(scope="module")
