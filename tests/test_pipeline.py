@@ -183,7 +183,7 @@ def test_evaluate_stage_runs_lmms_eval_and_writes_scores(workspace, wandb_offlin
               data=workspace / "data" / "testbed")
     scores = yaml.safe_load((out / "scores.json").read_text())
     assert sorted(scores) == sorted(TASKS) and all(0 <= s <= 1 for s in scores.values())
-    assert (out / "lmms_eval" / "results.json").exists() and yaml.safe_load(metrics.read_text()) == scores
+    assert (out / "results.json").exists() and yaml.safe_load(metrics.read_text()) == scores
     per_question = pd.read_csv(out / "samples.csv", keep_default_na=False)  # limit 1: one question per task
     assert sorted(per_question["task"]) == sorted(TASKS) and per_question["doc_id"].eq(0).all()
     assert (per_question["correct"] == (per_question["prediction"] == per_question["target"])).all()
