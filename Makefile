@@ -1,12 +1,18 @@
 # Two targets do all set-up on a fresh machine: `make test` and `make repro`.
 # Both create .venv if missing and install the pinned environment (torch 2.13.0 via constraints.txt).
+# `make rehearse` uses an environment of its own, .venv-rehearse (requirements-rehearse.txt: torchvision and
+# qwen-vl-utils for lmms-eval's Qwen2.5-VL backend, hence the CUDA build of torch 2.13.0; ~6 GB, ~6 min).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+REHEARSE_VENV ?= .venv-rehearse
+REHEARSE_PY := $(REHEARSE_VENV)/bin/python
+REHEARSE_STAMP := $(REHEARSE_VENV)/.installed
+REHEARSE_PIP := $(REHEARSE_PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test repro rehearse bench bench-flops bench-prefill clean-venv
+.PHONY: install install-rehearse test repro rehearse bench bench-flops bench-prefill clean-venv
 
 install: $(STAMP)
 
@@ -16,6 +22,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt pyproject.tom
 	$(PIP_INSTALL) --no-deps -r requirements-nodeps.txt
 	$(PIP_INSTALL) --no-deps -e .
 	touch $(STAMP)
+
+# requirements.txt and requirements-rehearse.txt in one resolution (its torch line excludes the CPU build).
+install-rehearse: $(REHEARSE_STAMP)
+
+$(REHEARSE_STAMP): requirements.txt requirements-nodeps.txt requirements-rehearse.txt constraints.txt pyproject.toml
+	test -x $(REHEARSE_PY) || $(PYTHON) -m venv $(REHEARSE_VENV)
+	$(REHEARSE_PIP) -r requirements.txt -r requirements-rehearse.txt
+	$(REHEARSE_PIP) --no-deps -r requirements-nodeps.txt
+	$(REHEARSE_PIP) --no-deps -e .
+	touch $(REHEARSE_STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
@@ -27,8 +43,9 @@ repro: $(STAMP)
 
 # The paper profile on CPU stand-ins through DVC (pipeline/rehearse.py): every stage and model, a skipped
 # model, 2 processes = 1, kill and resume. Report in rehearsal/report, checks in rehearsal/checks/summary.md.
-rehearse: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pipeline.rehearse
+# Its own environment, .venv-rehearse: lmms-eval's Qwen2.5-VL backend needs torchvision (requirements-rehearse.txt).
+rehearse: $(REHEARSE_STAMP)
+	PATH="$(CURDIR)/$(REHEARSE_VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(REHEARSE_PY) -m pipeline.rehearse
 
 bench: $(STAMP)
 	$(PY) benchmarks/estimators.py
@@ -42,4 +59,4 @@ bench-prefill: $(STAMP)
 	$(PY) benchmarks/prefill.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(REHEARSE_VENV)

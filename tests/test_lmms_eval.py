@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from lmms_eval.api.model import lmms
 from lmms_eval.evaluator import simple_evaluate
 from lmms_eval.models import get_model
@@ -231,36 +230,50 @@ def test_dry_run_prints_the_exact_command(capsys):
     assert local[1:3] == ["-m", "zoo_prune.integrations.lmms_eval_cli"] and local[local.index("--batch_size") + 1] == "16"
 
 
-def test_qwen_backend_prunes(in_workdir, monkeypatch):
-    """lmms-eval's qwen2_5_vl under zoo_prune on a tiny Qwen2.5-VL, with the two pieces this machine
-    lacks stubbed: qwen-vl-utils' ``process_vision_info`` (here: the messages' images as they are)
-    and loading the processor (transformers' Qwen video processor needs torchvision)."""
+@pytest.mark.parametrize("stubbed", [True, False], ids=["stubbed", "qwen-vl-utils"])
+def test_qwen_backend_prunes(in_workdir, monkeypatch, stubbed):
+    """lmms-eval's qwen2_5_vl under zoo_prune on a tiny Qwen2.5-VL. As it is where qwen-vl-utils and torchvision
+    are installed (.venv-rehearse, ``make install-rehearse``); in .venv (no torchvision build for its CPU torch)
+    with the two pieces they provide stubbed: qwen-vl-utils' ``process_vision_info`` (here: the messages' images
+    as they are) and loading the processor (transformers' Qwen video processor needs torchvision)."""
     from types import SimpleNamespace
 
     from lmms_eval.models.chat import qwen2_5_vl as chat
     from lmms_eval.models.simple import qwen2_5_vl as simple
 
+    if not stubbed and not chat._has_qwen_vl:
+        pytest.skip("qwen-vl-utils (which needs torchvision) is not installed: .venv-rehearse has it")
     model, processor = tiny.build_tiny("qwen2_5_vl")
-    model.save_pretrained(in_workdir / "tiny-qwen")
+    folder = in_workdir / ("tiny-qwen-stubbed" if stubbed else "tiny-qwen")
+    model.save_pretrained(folder)
+    if stubbed:
+        def process_vision_info(conversations, **kwargs):
+            items = [item for turns in conversations for turn in turns for item in turn["content"]]
+            return [item["image"] for item in items if item["type"] == "image"], None, {}
 
-    def process_vision_info(conversations, **kwargs):
-        items = [item for turns in conversations for turn in turns for item in turn["content"]]
-        return [item["image"] for item in items if item["type"] == "image"], None, {}
-
-    monkeypatch.setattr(chat, "_has_qwen_vl", True)
-    monkeypatch.setattr(chat, "process_vision_info", process_vision_info)
-    monkeypatch.setattr(simple, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *a, **k: processor))
-    monkeypatch.setattr(simple, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: processor.tokenizer))
-    qwen = backend_class(model_type(str(in_workdir / "tiny-qwen")))(
-        pretrained=str(in_workdir / "tiny-qwen"), device="cpu", method="zoo", keep=0.5, m=8)
+        monkeypatch.setattr(chat, "_has_qwen_vl", True)
+        monkeypatch.setattr(chat, "process_vision_info", process_vision_info)
+        monkeypatch.setattr(simple, "AutoProcessor", SimpleNamespace(from_pretrained=lambda *a, **k: processor))
+        monkeypatch.setattr(simple, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: processor.tokenizer))
+    else:  # what a checkpoint folder holds; the backend loads its processor (with the video half) itself
+        processor.image_processor.save_pretrained(folder)
+        processor.tokenizer.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(processor.chat_template)
+    size = processor.image_processor.size  # the tiny model's pixel range (lmms-eval's default: 448 px and more)
+    min_pixels, max_pixels = size["shortest_edge"], size["longest_edge"]
+    qwen = backend_class(model_type(str(folder)))(pretrained=str(folder), device="cpu", method="zoo", keep=0.5, m=8,
+                                                  min_pixels=min_pixels, max_pixels=max_pixels)
     assert isinstance(qwen, chat.Qwen2_5_VL)
     image_tokens = record_image_tokens(qwen)
+    grids = []
+    generate = qwen.model.generate
+    qwen.model.generate = lambda *a, **k: grids.append(k["image_grid_thw"]) or generate(*a, **k)
     results = evaluate(qwen, limit=1)
     assert set(TASKS) <= set(results["results"])
     [kept] = qwen.pruning.kept_indices
-    grid = processor.image_processor(images=[Image.new("RGB", (96, 96))], return_tensors="pt")["image_grid_thw"]
-    tokens = int(grid.prod()) // 4  # a 96 x 96 testbed image's merged tokens (2 x 2 merge)
-    assert [n for n in image_tokens if n] == [keep_count(0.5, tokens)] * len(TASKS) == [kept.numel()] * len(TASKS)
+    tokens = [int(grid.prod()) // 4 for [grid] in grids]  # each call's one image, merged 2 x 2
+    assert [n for n in image_tokens if n] == [keep_count(0.5, n) for n in tokens] and len(tokens) == len(TASKS)
+    assert kept.numel() == keep_count(0.5, tokens[-1])
 
 
 COMMITTED_MODEL = Path(__file__).resolve().parents[1] / "models" / "testbed-llava"

@@ -7,8 +7,8 @@ Registered through the ``lmms_eval.models`` entry point of this package (pyproje
 
 One static class per backend: :class:`ZooPruneLlava` (lmms-eval's chat ``llava_hf``; LLaVA-1.5 and
 LLaVA-NeXT) and ``ZooPruneQwen2_5_VL`` (its chat ``qwen2_5_vl``, in :mod:`.lmms_eval_qwen`, which
-needs ``qwen-vl-utils``, and that package imports torchvision). They are also registered under
-their own names (``zoo_prune_llava``, ``zoo_prune_qwen2_5_vl``); ``zoo_prune`` is
+needs ``qwen-vl-utils``, and that package imports torchvision: requirements-rehearse.txt). They are also
+registered under their own names (``zoo_prune_llava``, ``zoo_prune_qwen2_5_vl``); ``zoo_prune`` is
 :class:`ZooPrune`, whose ``create_from_arg_string`` (what lmms-eval calls) picks the class from the
 checkpoint config's ``model_type``. The backend loads the model and builds prompts exactly as
 ``--model llava_hf`` / ``--model qwen2_5_vl`` do; then the pruning handle is installed on its model.

@@ -1,6 +1,7 @@
 """lmms-eval model ``zoo_prune_qwen2_5_vl``: lmms-eval's chat ``qwen2_5_vl`` with pruning (it batches
 by itself). A module of its own because that backend needs ``qwen-vl-utils``, which imports
-torchvision: the LLaVA class must not depend on it."""
+torchvision: the LLaVA class must not depend on it. requirements-rehearse.txt installs both (with the
+torch build that torchvision's wheel is made for; ``make install-rehearse`` builds .venv-rehearse)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from .lmms_eval import PruningModel
 
 if not qwen2_5_vl._has_qwen_vl:
     raise ImportError(
-        "Qwen2.5-VL checkpoints run on lmms-eval's qwen2_5_vl, which needs qwen-vl-utils "
-        "(pip install qwen-vl-utils; it imports torchvision, so install the torchvision build matching torch)"
+        "Qwen2.5-VL checkpoints run on lmms-eval's qwen2_5_vl, which needs qwen-vl-utils: it imports "
+        "torchvision, whose wheel must match the installed torch build (PyPI's torchvision 0.28.0 is built for "
+        "the CUDA build of torch 2.13.0, not the CPU one); requirements-rehearse.txt holds a working set "
+        "(make install-rehearse)"
     )
 
 
