@@ -33,7 +33,7 @@ def llava_inputs(processor, size):
 
 
 def test_one_stand_in_per_paper_model_with_a_random_weights_readme(folders):
-    params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    params = yaml.safe_load((Path(__file__).resolve().parent.parent / "paper" / "params.yaml").read_text())
     assert list(folders) == list(params["paper"]["models"]) == list(STANDINS)
     for name, folder in folders.items():
         readme = (folder / "README.md").read_text()

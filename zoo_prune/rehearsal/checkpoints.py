@@ -2,7 +2,7 @@
 
     python -m zoo_prune.rehearsal.checkpoints --out models/standins [--models llava-1.5-7b,qwen2.5-vl-7b]
 
-For each model of params.yaml ``paper.models`` this writes ``<out>/<model>/`` with ``save_pretrained``:
+For each model of paper/params.yaml ``paper.models`` this writes ``<out>/<model>/`` with ``save_pretrained``:
 the same transformers class as the real checkpoint (``LlavaForConditionalGeneration``,
 ``LlavaNextForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``) and a processor
 configured like the real one, around tiny random-weight networks (``zoo_prune.tiny``): the real
@@ -32,7 +32,7 @@ QWEN_VISION = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size":
 QWEN_PIXELS = (3136, 12845056)  # min_pixels = 56 * 56, max_pixels = 28 * 28 * 16384
 QWEN_FULL_ATTENTION_EVERY = 8  # the real tower: 32 blocks, full attention in blocks 7, 15, 23, 31
 
-STANDINS = {  # params.yaml paper.models name -> (tiny family, build_tiny geometry, what is scaled down)
+STANDINS = {  # paper/params.yaml paper.models name -> (tiny family, build_tiny geometry, what is scaled down)
     "llava-1.5-7b": ("llava", dict(CLIP_336, text={"num_hidden_layers": 3}), "32 Vicuna layers -> 3"),
     "llava-1.5-13b": ("llava", dict(CLIP_336, text={"num_hidden_layers": 4}), "40 Vicuna layers -> 4"),
     "llava-next-7b": ("llava_next", dict(CLIP_336, grid_pinpoints=LLAVA_NEXT_PINPOINTS, text={"num_hidden_layers": 3}),
