@@ -223,7 +223,7 @@ def test_dry_run_prints_the_exact_command(capsys):
         "resume_cache=outputs/lmms_cache --tasks " + ",".join(PAPER_TASKS) +
         " --batch_size 1 --output_path outputs/paper --log_samples --device cuda")
     several = run_lmms_eval(args, ["pope"], "out", dry_run=True, num_processes=8, include_path=None)["command"]
-    assert several[1:5] == ["launch", "--num_processes=8", "-m", "lmms_eval"]
+    assert several[1:6] == ["launch", "--num_processes=8", "--main_process_port=0", "-m", "lmms_eval"]
     with pytest.raises(ValueError, match="keep"):
         run_lmms_eval({**args, "keep": "6,4"}, ["pope"], "out", dry_run=True)
     local = run_lmms_eval(args, ["testbed"], "out", dry_run=True, batch_size=16)["command"]  # the testbed's own tasks

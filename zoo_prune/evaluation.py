@@ -115,7 +115,9 @@ def _command(model: list[str], tasks: list[str], output: list[str], *, limit, in
         launcher = [sys.executable, "-m", module]
     else:
         accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-        launcher = [accelerate, "launch", f"--num_processes={num_processes}", "-m", module]
+        # a free port per launch (accelerate's default 29500 is taken by any other entry already running on this
+        # machine: pipeline.gpus runs one per group of GPUs)
+        launcher = [accelerate, "launch", f"--num_processes={num_processes}", "--main_process_port=0", "-m", module]
     command = launcher + ["--model", "zoo_prune", *model, "--tasks", ",".join(tasks), "--batch_size", str(batch_size),
                           *output, "--log_samples"]
     if include_path is not None:
