@@ -12,7 +12,7 @@ REHEARSE_PY := $(REHEARSE_VENV)/bin/python
 REHEARSE_STAMP := $(REHEARSE_VENV)/.installed
 REHEARSE_PIP := $(REHEARSE_PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install install-rehearse test repro rehearse bench bench-flops bench-prefill clean-venv
+.PHONY: install install-rehearse test repro rehearse paper bench bench-flops bench-prefill clean-venv
 
 install: $(STAMP)
 
@@ -46,6 +46,14 @@ repro: $(STAMP)
 # Its own environment, .venv-rehearse: lmms-eval's Qwen2.5-VL backend needs torchvision (requirements-rehearse.txt).
 rehearse: $(REHEARSE_STAMP)
 	PATH="$(CURDIR)/$(REHEARSE_VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(REHEARSE_PY) -m pipeline.rehearse
+
+# The paper profile on this machine's GPUs (pipeline/gpus.py): one DVC worker per GPU (per paper.num_processes
+# GPUs), each running the next out-of-date GPU stage; then the rest (efficiency, results, ablation, report).
+# README "Reproducing the paper on GPUs". GPUS=0,1,2,3 (CUDA_VISIBLE_DEVICES values). The environment is
+# .venv-rehearse's: the CUDA build of torch 2.13.0 with torchvision and qwen-vl-utils (Qwen2.5-VL).
+GPUS ?= 0
+paper: $(REHEARSE_STAMP)
+	PATH="$(CURDIR)/$(REHEARSE_VENV)/bin:$$PATH" $(REHEARSE_PY) -m pipeline.gpus --params paper/params.yaml --gpus $(GPUS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/estimators.py
