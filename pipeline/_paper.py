@@ -65,7 +65,7 @@ def resolve(name: str, model: dict) -> dict:
             return record
         if not isinstance(found, str):
             record["reason"] = (f"checkpoint {pretrained!r} is neither a local folder nor in the Hugging Face cache "
-                                "(download it first: `huggingface-cli download " + pretrained + "`; HF_HOME says where the cache is)")
+                                "(download it first: `hf download " + pretrained + "`; HF_HOME says where the cache is)")
             return record
         snapshot = Path(found).parent
         record.update(available=True, path=str(snapshot), revision=snapshot.name)

@@ -122,7 +122,7 @@ def test_checkpoint_records_name_what_is_missing(tmp_path, paper_standins, monke
     assert records["llava-1.5-7b"]["available"] and records["llava-1.5-7b"]["revision"].startswith("local:")
     assert records["llava-1.5-7b"]["path"] == str((paper_standins / "models" / "llava-1.5-7b").resolve())
     absent = records["llava-1.5-13b"]
-    assert not absent["available"] and "'llava-hf/llava-1.5-13b-hf'" in absent["reason"] and "huggingface-cli download" in absent["reason"]
+    assert not absent["available"] and "'llava-hf/llava-1.5-13b-hf'" in absent["reason"] and "hf download llava-hf/llava-1.5-13b-hf" in absent["reason"]
     wrong = records["qwen2.5-vl-7b"]
     assert not wrong["available"] and "Qwen2_5_VLForConditionalGeneration" in wrong["reason"]
 
