@@ -222,7 +222,10 @@ def estimate(params: dict, a: Assumptions) -> tuple[list[dict], list[dict], list
         sweep["keep"] = int(sweep["keep"])  # a token count (the params schema reads it as a number)
     model = models[sweep["model"]]
     tasks = [sweep["task"]]
-    zoo = lambda **over: method_of("zoo", sweep["keep"], {**params, "zoo": {**params["zoo"], **over}}, sweep["model"])  # noqa: E731
+
+    def zoo(**over):
+        return method_of("zoo", sweep["keep"], {**params, "zoo": {**params["zoo"], **over}}, sweep["model"])
+
     h = sum((model.run(zoo(h=v), sweep["keep"], tasks, sweep["limit"], a) for v in root["sweep"]["h"]), Work())
     add_stage("sweep_h", h, len(root["sweep"]["h"]), f"{sweep['task']}, {sweep['model']}, keep {sweep['keep']}")
     m = sum((model.run(zoo(m=v), sweep["keep"], tasks, sweep["limit"], a) for v in root["sweep"]["m"]), Work())
@@ -278,8 +281,8 @@ def notes(params: dict, models: dict, a: Assumptions) -> list[str]:
         sensitivity = model.ledger.parts(zoo, keep, a.text_tokens)["sensitivity"]
         unpruned, div = model.document(None, None, 1, a), model.document(divprune, keep, 1, a)
         per_gpu = ", ".join(f"{sensitivity / (gpu.fp32 * a.mfu) * 1e3:,.0f} ms on {g} (whole unpruned document "
-                            f"{unpruned.seconds[g] * 1e3:,.0f} ms, DivPrune's at {keep}: {div.seconds[g] * 1e3:,.0f} ms)"
-                            for g, gpu in GPUS.items())
+                            f"{unpruned.seconds[g] * 1e3:,.0f} ms, DivPrune's at {keep}: "
+                            f"{div.seconds[g] * 1e3:,.0f} ms)" for g, gpu in GPUS.items())
         estimator = zoo.resolve_estimator(model.ledger.cpu_projector) if zoo.estimator == "auto" else zoo.estimator
         lines.append(f"- {name}: ZOO-Prune's sensitivity ({estimator}, "
                      f"m = {zoo.m}, float32) is {sensitivity / 1e12:.2f} TFLOPs per image: {per_gpu}.")
@@ -312,8 +315,8 @@ def report(params_path, params: dict, a: Assumptions, runs: list[dict], stages: 
         f"- prefill: max(FLOPs in {paper['dtype']} / (fp16 tensor peak x MFU {a.mfu}) + sensitivity FLOPs (float32, "
         f"as the estimators compute) / (fp32 peak x MFU {a.mfu}), all weights read once / (bandwidth x "
         f"{a.bandwidth_efficiency}))",
-        f"- decode: {a.answer_tokens} steps per answer (the prompts ask for a letter, yes / no or a short phrase), each "
-        f"reading the language model's weights and the KV cache at bandwidth x {a.bandwidth_efficiency}",
+        f"- decode: {a.answer_tokens} steps per answer (the prompts ask for a letter, yes / no or a short phrase), "
+        f"each reading the language model's weights and the KV cache at bandwidth x {a.bandwidth_efficiency}",
         f"- {a.text_tokens} text tokens per prompt (params efficiency.text_tokens; option lists make MMBench, "
         "ScienceQA, SEED-Bench and MMMU prompts longer: their pruned prefills are underestimated a little)",
         "- one image per document as the ledger builds it: LLaVA-1.5 336 px (576 tokens), LLaVA-NeXT its 5-patch "
@@ -322,7 +325,8 @@ def report(params_path, params: dict, a: Assumptions, runs: list[dict], stages: 
         *[f"| {k} | {g.fp16 / 1e12:,.0f} TFLOPS | {g.fp32 / 1e12:,.1f} TFLOPS | {g.bandwidth / 1e12:,.2f} TB/s | "
           f"{g.source} |" for k, g in GPUS.items()], "",
         "## Tasks (documents per run)", "",
-        "| task | lmms-eval 0.7.3 dataset / split (its YAML) | documents | images | count's source |", "|---|---|---:|---:|---|"]
+        "| task | lmms-eval 0.7.3 dataset / split (its YAML) | documents | images | count's source |",
+        "|---|---|---:|---:|---|"]
     splits = task_splits(paper["tasks"])
     for task in paper["tasks"]:
         groups, source = TASKS[task]
@@ -342,7 +346,8 @@ def report(params_path, params: dict, a: Assumptions, runs: list[dict], stages: 
               f"longest run): the longest is {longest['model']} {longest['run']} "
               f"({', '.join(f'{hours(longest[g])} h on {g}' for g in names)}).", "",
               "## What drives them", "", *found, "",
-              "## GPU hours per evaluate run", "", "| model | run | documents | " + " | ".join(f"{g} h" for g in names) + " |",
+              "## GPU hours per evaluate run", "",
+              "| model | run | documents | " + " | ".join(f"{g} h" for g in names) + " |",
               "|---|---|---:|" + "---:|" * len(names)]
     lines += [f"| {r['model']} | {r['run']} | {r['documents']:,} | " + " | ".join(hours(r[g]) for g in names) + " |"
               for r in runs]

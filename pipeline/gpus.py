@@ -20,11 +20,11 @@ Ctrl-C or SIGTERM: no stage starts any more; each running one gets SIGINT, as Ct
 ``--grace`` seconds (a second Ctrl-C: at once). The answers computed so far stay in ``<paper.dir>/cache/lmms``, so
 the same command later resumes: finished stages are up to date, an interrupted entry reuses its answers.
 
-Why this works in one workspace (checked with DVC 3.67 on the rehearsal; docs/pipeline.md "GPUs"): ``dvc repro``
-releases the repository lock while a stage's command runs and holds a lock per path instead (its dependencies
-read, its outputs written, ``.dvc/tmp/rwlock``), so entries with disjoint outputs run side by side and each is
-recorded in ``dvc.lock``. ``-s``: without it every repro also reruns the entry's upstream ``checkpoints@<model>``
-(always changed), which a running entry reads: "... is busy", and that repro fails. ``--wait-for-lock``: when a
+Why this works in one workspace (checked with DVC 3.67 on the rehearsal; docs/pipeline.md "Several GPUs"):
+``dvc repro`` releases the repository lock while a stage's command runs and holds a lock per path instead (its
+dependencies read, its outputs written, ``.dvc/tmp/rwlock``), so entries with disjoint outputs run side by side and
+each is recorded in ``dvc.lock``. ``-s``: without it every repro also reruns the entry's upstream
+``checkpoints@<model>`` (always changed), which a running entry reads: "... is busy", and that repro fails. ``--wait-for-lock``: when a
 command ends DVC takes the repository lock again to record the outputs; without the flag it gives up after 3 s
 if another worker holds it ("Unable to acquire lock") and the finished entry is not recorded.
 ``CUDA_VISIBLE_DEVICES`` is not a param: an entry's record is the same on whichever GPU it ran.
@@ -143,7 +143,8 @@ class Pool:
         """No new stage; SIGINT to the running ones (the first time), SIGKILL (a second time)."""
         if self.stopping is None:
             self.stopping, self.signum = time.monotonic(), signum
-            self.say(f"stopping: no new stage; SIGINT to {len(self._running)} running, SIGKILL after {self.grace:.0f} s")
+            self.say(f"stopping: no new stage; SIGINT to {len(self._running)} running, "
+                     f"SIGKILL after {self.grace:.0f} s")
             self._signal(signal.SIGINT)
         else:
             self.say("stopping now: SIGKILL")
@@ -170,13 +171,14 @@ class Pool:
         command = repro_command(self.dvcfile, name, self.dvc)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": group}
         start = time.monotonic()
-        with open(log, "w") as sink, self._lock:
+        with self._lock:
             if self.stopping is not None:
                 return
-            sink.write(f"$ CUDA_VISIBLE_DEVICES={group} {' '.join(command)}\n")
-            sink.flush()
-            process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            with open(log, "w") as sink:  # the child keeps its own descriptor
+                sink.write(f"$ CUDA_VISIBLE_DEVICES={group} {' '.join(command)}\n")
+                sink.flush()
+                process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
             self._running[process.pid] = process
         self.say(f"[gpu {group}] {name}: started (log {log})")
         code = process.wait()
@@ -197,10 +199,11 @@ def duration(seconds: float) -> str:
 
 
 def last_error(log: Path) -> str:
-    """The last line of a stage's log that says what went wrong (DVC's ``ERROR`` or the stage's ``error:``)."""
+    """What went wrong, from a stage's log: the stage's own ``error:`` line, else DVC's last ``ERROR``."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    found = [line for line in lines if line.startswith(("ERROR", "error:"))]
-    return (found or lines or [""])[-1].strip()
+    stage = [line for line in lines if line.startswith("error:")]
+    dvc = [line for line in lines if line.startswith("ERROR")]
+    return (stage or dvc or lines or [""])[-1].strip()
 
 
 def summary(outcomes: list[Outcome], stages: list[str]) -> list[str]:
@@ -249,7 +252,8 @@ def main(argv=None) -> None:
     if args.stages:
         names = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in args.stages)]
         if not names:
-            raise SystemExit(f"error: --stages {args.stages} match none of the GPU stages: {candidates(plans.build(params))}")
+            raise SystemExit(f"error: --stages {args.stages} match none of the GPU stages: "
+                             f"{candidates(plans.build(params))}")
         args.no_downstream = True
     print(f"workers: {len(groups)} ({', '.join(f'CUDA_VISIBLE_DEVICES={g}' for g in groups)}; "
           f"paper.num_processes = {params['paper']['num_processes']} GPU(s) per stage)", flush=True)

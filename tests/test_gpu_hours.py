@@ -25,7 +25,9 @@ def test_llava_7b_streams_its_decoder_and_lm_head_and_a_kv_cache_of_its_width():
 def test_a_document_takes_the_slower_of_compute_and_weights_then_its_decode():
     a = gpu_hours.Assumptions(mfu=0.5, bandwidth_efficiency=0.5, answer_tokens=2)
     a100 = gpu_hours.GPUS["A100-80GB"]
-    compute_bound = gpu_hours.document_work(a100.fp16 * 0.5 * 2.0, a100.fp32 * 0.5 * 1.0, 1e9, a100.bandwidth * 0.5 * 3, a)
+    # 2 s of fp16 work + 1 s of fp32 work (weights read in far less), then 3 s of decode reads
+    compute_bound = gpu_hours.document_work(a100.fp16 * 0.5 * 2.0, a100.fp32 * 0.5 * 1.0, 1e9,
+                                            a100.bandwidth * 0.5 * 3, a)
     assert compute_bound.seconds["A100-80GB"] == pytest.approx(2.0 + 1.0 + 3.0)
     memory_bound = gpu_hours.document_work(1.0, 0.0, a100.bandwidth * 0.5 * 4, 0.0, a)
     assert memory_bound.seconds["A100-80GB"] == pytest.approx(4.0)

@@ -37,7 +37,8 @@ def test_the_queue_holds_the_gpu_stages_not_up_to_date_long_ones_first():
     assert gpus.candidates(plan) == ["sweep_h", "sweep_m", "evaluate_unpruned@a", "evaluate_unpruned@b",
                                      "evaluate_zoo@a-zoo-64", "evaluate_baseline@b-divprune-64", "sensitivity@a",
                                      "sensitivity@b", "proxy"]
-    status = {"p/dvc.yaml:proxy": [], "p/dvc.yaml:evaluate_unpruned@b": [], "p/dvc.yaml:results": [],  # results: not a GPU stage
+    status = {"p/dvc.yaml:proxy": [], "p/dvc.yaml:evaluate_unpruned@b": [],
+              "p/dvc.yaml:results": [],  # not a GPU stage
               "p/dvc.yaml:checkpoints@a": ["always changed"], "q/dvc.yaml:sweep_h": []}  # another folder's sweep
     assert gpus.stale("p/dvc.yaml", gpus.candidates(plan), status) == ["evaluate_unpruned@b", "proxy"]
     assert gpus.repro_command("p/dvc.yaml", "proxy") == ["dvc", "--wait-for-lock", "repro", "-s", "p/dvc.yaml:proxy"]
@@ -137,8 +138,9 @@ def fake(tmp_path):
     dvcfile = f"{tmp_path / 'paper'}/dvc.yaml"
     stale = ["sweep_h", "evaluate_unpruned@llava-1.5-7b", "evaluate_zoo@llava-1.5-7b-zoo-64", "proxy"]
     status = {f"{dvcfile}:{s}": [] for s in stale} | {f"{dvcfile}:results": []}
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_DVC_RECORD": str(tmp_path / "calls.jsonl"),
-           "FAKE_DVC_STATUS": json.dumps(status), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_DVC_RECORD": str(tmp_path / "calls.jsonl"), "FAKE_DVC_STATUS": json.dumps(status),
+           "PYTHONPATH": str(ROOT)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return {"params": params, "dvcfile": dvcfile, "stale": stale, "env": env, "record": tmp_path / "calls.jsonl"}
 
@@ -175,7 +177,8 @@ def test_after_success_the_rest_runs_once_on_the_first_worker(fake):
     made = calls(fake["record"])
     assert made[-1]["argv"] == ["--wait-for-lock", "repro", fake["dvcfile"]] and made[-1]["cvd"] == "0,1"
     assert "4 of 4 stages done" in run.stdout
-    dry = subprocess.run(tool(fake, "--dry-run"), env=fake["env"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    dry = subprocess.run(tool(fake, "--dry-run"), env=fake["env"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
     assert dry.returncode == 0 and len(calls(fake["record"])) == len(made)  # status only: nothing ran
     assert f"dvc --wait-for-lock repro -s {fake['dvcfile']}:proxy" in dry.stdout
 
