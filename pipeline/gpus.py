@@ -24,9 +24,9 @@ Why this works in one workspace (checked with DVC 3.67 on the rehearsal; docs/pi
 ``dvc repro`` releases the repository lock while a stage's command runs and holds a lock per path instead (its
 dependencies read, its outputs written, ``.dvc/tmp/rwlock``), so entries with disjoint outputs run side by side and
 each is recorded in ``dvc.lock``. ``-s``: without it every repro also reruns the entry's upstream
-``checkpoints@<model>`` (always changed), which a running entry reads: "... is busy", and that repro fails. ``--wait-for-lock``: when a
-command ends DVC takes the repository lock again to record the outputs; without the flag it gives up after 3 s
-if another worker holds it ("Unable to acquire lock") and the finished entry is not recorded.
+``checkpoints@<model>`` (always changed), which a running entry reads: "... is busy", and that repro fails.
+``--wait-for-lock``: when a command ends DVC takes the repository lock again to record the outputs; without the
+flag it gives up after 3 s if another worker holds it ("Unable to acquire lock") and the finished entry is not recorded.
 ``CUDA_VISIBLE_DEVICES`` is not a param: an entry's record is the same on whichever GPU it ran.
 """
 
