@@ -166,13 +166,9 @@ class Model:
         return total
 
 
-def method_of(name: str, keep, params: dict, model: str):
-    """The method object an evaluate entry runs: the options pipeline.evaluate passes to lmms-eval."""
-    if name == evaluate.UNPRUNED:
-        return None
-    [run] = evaluate.runs(name, keep, params, "paper", model, "out")
-    options = {k: v for k, v in run["model_args"].items() if k not in ("pretrained", "method", "keep", "dtype")}
-    return get_method(name, **options)
+def method_of(name: str, params: dict, model: str):
+    """The method object an evaluate entry runs, with the options pipeline.evaluate passes to lmms-eval."""
+    return None if name == evaluate.UNPRUNED else get_method(name, **evaluate.model_options(name, params, model))
 
 
 def task_splits(tasks: list[str]) -> dict[str, str]:
@@ -211,20 +207,18 @@ def estimate(params: dict, a: Assumptions) -> tuple[list[dict], list[dict], list
                 if item["model"] != name:
                     continue
                 keep = item.get("keep")
-                work = model.run(method_of(item["method"], keep, params, name), keep, paper["tasks"], paper["limit"], a)
+                work = model.run(method_of(item["method"], params, name), keep, paper["tasks"], paper["limit"], a)
                 runs.append({"model": name, "run": item["run"], "documents": round(work.documents),
                              **{g: work.hours(g) for g in GPUS}})
                 total, count = total + work, count + 1
         add_stage(f"evaluate@{name}", total, count, f"{len(paper['tasks'])} tasks per run")
 
-    sweep = dict(paper["sweep"])
-    if isinstance(sweep["keep"], float) and sweep["keep"].is_integer() and sweep["keep"] > 1:
-        sweep["keep"] = int(sweep["keep"])  # a token count (the params schema reads it as a number)
+    sweep = paper["sweep"]
     model = models[sweep["model"]]
     tasks = [sweep["task"]]
 
     def zoo(**over):
-        return method_of("zoo", sweep["keep"], {**params, "zoo": {**params["zoo"], **over}}, sweep["model"])
+        return method_of("zoo", {**params, "zoo": {**params["zoo"], **over}}, sweep["model"])
 
     h = sum((model.run(zoo(h=v), sweep["keep"], tasks, sweep["limit"], a) for v in root["sweep"]["h"]), Work())
     add_stage("sweep_h", h, len(root["sweep"]["h"]), f"{sweep['task']}, {sweep['model']}, keep {sweep['keep']}")
@@ -237,11 +231,10 @@ def estimate(params: dict, a: Assumptions) -> tuple[list[dict], list[dict], list
     timed = eff["samples"] * (eff["warmup"] + eff["repeats"])
     timing = Assumptions(a.mfu, a.bandwidth_efficiency, eff["new_tokens"], a.text_tokens)
     work, count = model.document(None, None, 1, timing) * timed, 1
-    for name in paper["methods"]:
+    for name in plan.methods_of(params, eff["model"]):  # what the stage times: the plan's methods on that model
+        method = method_of(name, params, eff["model"])
         for keep in paper["models"][eff["model"]]["budgets"]:
-            method = method_of(name, keep, params, eff["model"])
-            if model.ledger.supports(method):
-                work, count = work + model.document(method, keep, 1, timing) * timed, count + 1
+            work, count = work + model.document(method, keep, 1, timing) * timed, count + 1
     add_stage("efficiency", work, count, f"{eff['samples']} images x {eff['warmup']}+{eff['repeats']} timings, "
               f"{eff['new_tokens']} new tokens")
 
@@ -277,7 +270,7 @@ def notes(params: dict, models: dict, a: Assumptions) -> list[str]:
              "documents: `paper.limit` (documents per task) is the knob that shortens every evaluate run."]
     for name, model in models.items():
         keep = min(paper["models"][name]["budgets"])
-        zoo, divprune = method_of("zoo", keep, params, name), method_of("divprune", keep, params, name)
+        zoo, divprune = method_of("zoo", params, name), method_of("divprune", params, name)
         sensitivity = model.ledger.parts(zoo, keep, a.text_tokens)["sensitivity"]
         unpruned, div = model.document(None, None, 1, a), model.document(divprune, keep, 1, a)
         per_gpu = ", ".join(f"{sensitivity / (gpu.fp32 * a.mfu) * 1e3:,.0f} ms on {g} (whole unpruned document "
