@@ -17,7 +17,8 @@ Steps, each printed with its time; the checks end in ``rehearsal/checks/summary.
 2. ``dvc repro rehearsal/dvc.yaml`` with one stand-in moved away (``--absent``, default llava-1.5-13b): its
    entries record the skip by name and the others run (check: skip records name it, the others have scores);
 3. the stand-in back, ``dvc repro`` again: only that model's entries and what reads them run (check);
-4. 2 evaluation processes (``accelerate launch``) give the same answers and scores as 1 (check, on one entry);
+4. 2 evaluation processes (``accelerate launch``; on CPU its MULTI_CPU mode, each process answering its share
+   of the documents) give the same answers and scores as 1 (check, on one entry);
 5. an evaluation killed (SIGKILL) half-way and run again reuses the finished answers (check: counts printed
    from the resume cache's own report).
 """
@@ -189,9 +190,12 @@ def check_two_processes(steps: Steps, params: dict, model: str, method: str, kee
     b = pd.read_csv(folder / "out" / "samples.csv").sort_values(keys, ignore_index=True)
     same_answers = a[keys + ["prediction"]].astype(str).equals(b[keys + ["prediction"]].astype(str))
     scores = json.loads((one / "scores.json").read_text()), json.loads((folder / "out" / "scores.json").read_text())
-    steps.check("2 evaluation processes give the same results as 1", same_answers and scores[0] == scores[1],
-                f"{model} {method}-{keep}: {len(b)} answers identical: {same_answers}; scores identical: "
-                f"{scores[0] == scores[1]} ({len(scores[0])} tasks)")
+    log = (folder / "out" / "lmms_eval" / "lmms_eval.log").read_text()
+    ranks = {int(r): int(c) for r, c in re.findall(r"resume cache \(rank (\d+)\): \d+ answers reused, (\d+) computed", log)}
+    steps.check("2 evaluation processes give the same results as 1",
+                same_answers and scores[0] == scores[1] and len(ranks) == 2 and all(ranks.values()),
+                f"{model} {method}-{keep}: answers computed per process {ranks}; {len(b)} answers identical to the "
+                f"one-process entry's: {same_answers}; scores identical: {scores[0] == scores[1]} ({len(scores[0])} tasks)")
 
 
 def stored_answers(cache: Path) -> int:

@@ -188,3 +188,14 @@ def test_the_committed_rehearsal_profile_is_current():
     assert (ROOT / "rehearsal" / "dvc.yaml").resolve() == (ROOT / "paper" / "dvc.yaml").resolve()
     params = load(ROOT / "rehearsal" / "params.yaml")
     assert plan.stale(ROOT / "rehearsal" / "params.yaml", params) is None, "run python -m pipeline.rehearse --params-only"
+
+
+def test_several_cpu_processes_are_launched_as_such():
+    """accelerate starts ONE process for --num_processes=2 on a machine without GPUs unless it is told to use CPU
+    processes (ACCELERATE_USE_CPU with its multi-process launcher); the lmms-eval model then takes its rank."""
+    from zoo_prune.evaluation import lmms_eval_command
+
+    cpu = lmms_eval_command({"pretrained": "m"}, ["pope"], "out", num_processes=2, device="cpu", include_path=None)
+    assert cpu[:2] == ["env", "ACCELERATE_USE_CPU=1"] and cpu[3:6] == ["launch", "--multi_gpu", "--num_processes=2"]
+    gpu = lmms_eval_command({"pretrained": "m"}, ["pope"], "out", num_processes=2, device="cuda", include_path=None)
+    assert gpu[1:3] == ["launch", "--num_processes=2"] and "--multi_gpu" not in gpu and "env" not in gpu

@@ -118,6 +118,8 @@ def _command(model: list[str], tasks: list[str], output: list[str], *, limit, in
         # a free port per launch (accelerate's default 29500 is taken by any other entry already running on this
         # machine: pipeline.gpus runs one per group of GPUs)
         launcher = [accelerate, "launch", f"--num_processes={num_processes}", "--main_process_port=0", "-m", module]
+        if device == "cpu":  # N CPU processes (accelerate's MULTI_CPU: gloo); without both, accelerate starts one process
+            launcher = ["env", "ACCELERATE_USE_CPU=1", *launcher[:2], "--multi_gpu", *launcher[2:]]
     command = launcher + ["--model", "zoo_prune", *model, "--tasks", ",".join(tasks), "--batch_size", str(batch_size),
                           *output, "--log_samples"]
     if include_path is not None:

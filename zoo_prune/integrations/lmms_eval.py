@@ -111,6 +111,17 @@ class _Failed(str):
     """An empty answer standing for a failed document: scored as wrong, never stored for resuming."""
 
 
+def share_cpu_processes(model) -> None:
+    """Data parallelism over CPU processes (``accelerate launch`` with ``ACCELERATE_USE_CPU``: the rehearsal's
+    "2 processes = 1" check). lmms-eval's backends shard documents over GPUs only (``cuda:<rank>``); on CPU
+    they see one device and would each answer every document. Here each process takes its rank, so that
+    lmms-eval's evaluator gives it its share of the documents and gathers the answers, as on GPUs."""
+    state = getattr(model, "accelerator", None)
+    if (state is not None and state.num_processes > 1 and model.world_size == 1
+            and torch.device(model.device).type == "cpu"):
+        model._rank, model._world_size = state.process_index, state.num_processes
+
+
 class PruningModel:
     """What every ``zoo_prune`` backend class adds to lmms-eval's: pruning, the resume cache and
     per-document failures. Listed before the backend in the bases, so its methods come first."""
@@ -128,13 +139,15 @@ class PruningModel:
         backend = {k: v for k, v in kwargs.items() if k in accepted}
         options = {k: v for k, v in kwargs.items() if k not in accepted}
         one_process = int(os.environ.get("WORLD_SIZE", 1)) == 1  # several: the backend puts rank r on cuda:r
-        if "device_map" in accepted and backend.get("device_map") in (None, "") and one_process:
+        on_cpu = str(backend.get("device", "")).startswith("cpu")  # CPU processes share the one device
+        if "device_map" in accepted and backend.get("device_map") in (None, "") and (one_process or on_cpu):
             backend["device_map"] = backend.get("device") or "cuda"  # llava_hf's default "" fails under transformers 5
         if method not in UNPRUNED:
             get_method(method, **options)  # a bad method or option is named before the model loads
         elif options:
             raise ValueError(f"unknown zoo_prune model argument(s) {options} (method={method!r} prunes nothing)")
         super().__init__(pretrained=pretrained, **backend)
+        share_cpu_processes(self)
         self.method, self.keep, self.options = method, keep, options
         self.pruning = None
         if method not in UNPRUNED and not (isinstance(keep, float) and keep == 1.0):
