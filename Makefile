@@ -45,7 +45,7 @@ repro: $(STAMP)
 # model, 2 processes = 1, kill and resume. Report in rehearsal/report, checks in rehearsal/checks/summary.md.
 # Its own environment, .venv-rehearse: lmms-eval's Qwen2.5-VL backend needs torchvision (requirements-rehearse.txt).
 rehearse: $(REHEARSE_STAMP)
-	PATH="$(CURDIR)/$(REHEARSE_VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(REHEARSE_PY) -m pipeline.rehearse
+	PATH="$(CURDIR)/$(REHEARSE_VENV)/bin:$$PATH" $(REHEARSE_PY) -m pipeline.rehearse
 
 # The paper profile on this machine's GPUs (pipeline/gpus.py): one DVC worker per GPU (per paper.num_processes
 # GPUs), each running the next out-of-date GPU stage; then the rest (efficiency, results, ablation, report).

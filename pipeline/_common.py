@@ -195,6 +195,21 @@ def wandb_mode() -> str:
     return mode
 
 
+def wandb_frame(frame):
+    """``frame`` as a W&B table accepts it: W&B types a column by its first rows and refuses a later row of another
+    type (a column of None and text, of numbers and pd.NA), so mixed object columns become text ('' for missing) and
+    nullable numbers floats (NaN for missing)."""
+    import pandas as pd
+
+    frame = frame.reset_index(drop=True).copy()
+    for column in frame.columns:
+        if pd.api.types.is_extension_array_dtype(frame[column]) and pd.api.types.is_numeric_dtype(frame[column]):
+            frame[column] = frame[column].astype("float64")  # nullable integers: pd.NA -> NaN
+        elif frame[column].dtype == object or pd.api.types.is_extension_array_dtype(frame[column]):
+            frame[column] = frame[column].map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+    return frame
+
+
 class Tracker:
     """One W&B run (or nothing when disabled): metrics, tables, images. ``name`` "evaluate/zoo-16" is
     job type "evaluate", run name "<group>/evaluate/zoo-16"."""
@@ -218,7 +233,7 @@ class Tracker:
             return
         import wandb
 
-        payload = {f"table/{k}": wandb.Table(dataframe=v.reset_index(drop=True)) for k, v in (tables or {}).items()}
+        payload = {f"table/{k}": wandb.Table(dataframe=wandb_frame(v)) for k, v in (tables or {}).items()}
         payload |= {f"figure/{k}": wandb.Image(str(p)) for k, p in (images or {}).items()}
         if payload:
             self.run.log(payload)

@@ -199,3 +199,15 @@ def test_several_cpu_processes_are_launched_as_such():
     assert cpu[:2] == ["env", "ACCELERATE_USE_CPU=1"] and cpu[3:6] == ["launch", "--multi_gpu", "--num_processes=2"]
     gpu = lmms_eval_command({"pretrained": "m"}, ["pope"], "out", num_processes=2, device="cuda", include_path=None)
     assert gpu[1:3] == ["launch", "--num_processes=2"] and "--multi_gpu" not in gpu and "env" not in gpu
+
+
+def test_wandb_tables_take_mixed_and_nullable_columns():
+    import wandb
+
+    from pipeline._common import wandb_frame
+
+    frame = pd.DataFrame({"rank": pd.array([None, 32], dtype="Int64"), "why": [None, "not Linear-act-Linear"],
+                          "runs": [True, False], "rho": [float("nan"), 0.5]})
+    table = wandb.Table(dataframe=wandb_frame(frame))  # raw: "Data row contained incompatible types"
+    assert [r[1] for r in table.data] == ["", "not Linear-act-Linear"] and table.data[1][0] == 32.0
+    assert pd.isna(table.data[0][0]) and [r[2] for r in table.data] == [True, False]
