@@ -36,6 +36,7 @@ def profile(folder: Path, standins: Path, **paper) -> Path:
     raw["base"] = "base.yaml"
     # the paper's lowrank on LLaVA-NeXT would have the App. D ledger take a real SVD of a 4096 x 4096 layer (~10-60 s)
     raw["paper"]["models"]["llava-next-7b"].pop("estimator", None)
+    raw["paper"]["models"]["llava-next-7b"]["methods"] = ["zoo", "divprune", "fastv"]  # one of each kind here
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     plan.write(params)
     return params
