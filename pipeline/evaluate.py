@@ -65,22 +65,6 @@ def sections_for(method: str, paper: bool) -> list[str]:
     return ["evaluate", "budgets"] + (["paper"] if paper else []) + ([section] if section else [])
 
 
-def supports(pretrained: str, method: str) -> bool:
-    """Whether the checkpoint's family runs ``method``'s kind (its adapter's ``supports``); True when its
-    config is not on this machine (the run itself then names the problem)."""
-    from transformers import AutoConfig
-
-    from zoo_prune import method_class
-    from zoo_prune.adapters import adapter_class
-
-    try:
-        config = AutoConfig.from_pretrained(pretrained, local_files_only=True)
-    except (OSError, ValueError):
-        return True
-    adapter = adapter_class(config.architectures[0] if config.architectures else "")
-    return adapter is None or method_class(method).kind in adapter.supports
-
-
 def runs(method: str, keep, params: dict, profile: str, model: str, out) -> list[dict]:
     """The lmms-eval run (model args, tasks, output folder, launcher) of one pipeline run: ``model`` is the
     testbed model's folder, or under the paper profile a model of ``paper.models`` (keep: one of its budgets)."""
@@ -196,7 +180,7 @@ def check_run(method: str, keep, params: dict, model: str | None = None) -> None
 def main(argv=None) -> None:
     from zoo_prune.demo import parse_keep
 
-    from ._common import load_params as read_params
+    from ._common import profile_of
 
     p = parser(__doc__, inputs=("model",))
     p.add_argument("--method", help=f"{UNPRUNED!r} or a zoo_prune method (all of them with --dry-run when omitted)")
@@ -212,7 +196,7 @@ def main(argv=None) -> None:
         return dry_run(args)
     if not args.method:
         p.error("--method is required (except with --dry-run)")
-    paper = read_params(args.params, ["profile"])["profile"] == "paper"
+    paper = profile_of(args.params) == "paper"
     if paper and not (args.paper_model and args.out):
         p.error("the paper profile needs --paper-model and --out (paper/dvc.yaml passes them)")
     name = stats.run_name(args.method, args.keep, args.seed)
