@@ -261,6 +261,7 @@ class PaperSensitivity(Section):
     task: str  # lmms-eval task whose images are measured and drawn (Fig. 6: GQA)
     samples: Count
     overlay_samples: NonNegative  # images drawn: DivPrune vs ZOO-Prune at each of the model's budgets
+    rank: Count | None = None  # lowrank's k_r in the agreement table (None: ../params.yaml sensitivity.rank)
 
 
 class PaperProxy(Section):

@@ -195,7 +195,8 @@ def paper_profile(s, name: str) -> None:
     if not record["available"]:
         return _paper.skip(out, record, f"sensitivity/{name}")
     paper, cfg, zoo = s.params["paper"], s.params["sensitivity"], s.params["zoo"]
-    task, reference, rank = paper["sensitivity"]["task"], cfg["reference"], cfg["rank"]
+    task, reference = paper["sensitivity"]["task"], cfg["reference"]
+    rank = paper["sensitivity"].get("rank") or cfg["rank"]  # lowrank's k_r: the paper's 128 (paper/params.yaml)
     model, processor = _paper.load(s.params, name, record)
     adapter = adapter_for(model)
     projector = adapter.sensitivity_projector  # LLaVA's projector; Qwen2.5-VL's merger per merged token
