@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROFILES = ("testbed", "paper")
 log = logging.getLogger("pipeline")
 
 
@@ -57,15 +56,6 @@ def load_params(path="params.yaml", sections=None) -> dict:
 def sections(params: dict, names: list[str]) -> dict:
     """``{name: params[name]}`` for a stage's sections."""
     return {n: params[n] for n in names}
-
-
-def checkpoint_reachable(name: str) -> bool:
-    """A local folder, or a hub id already in the Hugging Face cache (the hub itself is never asked)."""
-    if Path(name).expanduser().is_dir():
-        return True
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(name, "config.json"), str)
 
 
 def plan_digest(params: dict) -> str:
