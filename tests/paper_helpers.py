@@ -120,6 +120,22 @@ def make_paper_outputs(root: Path, standins: bool = True) -> Path:
     return params
 
 
+def tables_of(root: Path, params: Path) -> None:
+    """The paper profile's results and ablation stages on ``root/outputs/evaluate`` (W&B off)."""
+    import os
+
+    from pipeline import ablation, results
+
+    mode = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "disabled"
+    try:
+        for module, name in ((results, "results"), (ablation, "ablation")):
+            module.main(["--params", str(params), "--runs", str(root / "outputs" / "evaluate"),
+                         "--out", str(root / "outputs" / name)])
+    finally:
+        os.environ.pop("WANDB_MODE") if mode is None else os.environ.__setitem__("WANDB_MODE", mode)
+
+
 def fake_stage_outputs(outputs: Path, proxy: bool = False) -> None:
     """What the other stages write, by kind (run the results stage first: its figure is reused): sensitivity of
     llava-1.5-7b (a CSV, a figure), llava-1.5-13b skipped; proxy (a CSV, a figure) when ``proxy``; no sweeps."""

@@ -58,15 +58,10 @@ PAPER_NOTEBOOKS = {"results": 9, "sensitivity": 1, "proxy_analysis": 1}  # figur
 def paper_outputs(tmp_path_factory):
     """A rehearsal-like paper-profile run: evaluate entries by hand (paper_helpers), the results and ablation
     stages on them, sensitivity and proxy outputs by kind, no sweeps or efficiency."""
-    from paper_helpers import fake_stage_outputs, make_paper_outputs
+    from paper_helpers import fake_stage_outputs, make_paper_outputs, tables_of
 
     root = tmp_path_factory.mktemp("paper_notebooks")
-    params = make_paper_outputs(root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "disabled")
-        for module, name in ((results, "results"), (ablation, "ablation")):
-            module.main(["--params", str(params), "--runs", str(root / "outputs" / "evaluate"),
-                         "--out", str(root / "outputs" / name)])
+    tables_of(root, make_paper_outputs(root))
     fake_stage_outputs(root / "outputs", proxy=True)
     return root / "outputs"
 

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from matplotlib.image import imread
 
-from paper_helpers import GQA, OTHER, SKIP_REASON, fake_stage_outputs, make_paper_outputs
-from pipeline import ablation, report, results
+from paper_helpers import GQA, OTHER, SKIP_REASON, fake_stage_outputs, make_paper_outputs, tables_of
+from pipeline import report, results
 
 CSV = Path(__file__).resolve().parent.parent / "analysis" / "paper_numbers.csv"
 BANNER = "RANDOM-WEIGHT REHEARSAL"
@@ -48,12 +48,7 @@ def hand_avg(method):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper")
-    params = make_paper_outputs(root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("WANDB_MODE", "disabled")
-        for module, name in ((results, "results"), (ablation, "ablation")):
-            module.main(["--params", str(params), "--runs", str(root / "outputs" / "evaluate"),
-                         "--out", str(root / "outputs" / name)])
+    tables_of(root, make_paper_outputs(root))
     return root
 
 
